@@ -1,0 +1,369 @@
+"""The RLPRun spec: one typed model shared by `rlp run`, `rlp phase` and the operator.
+
+Field names are snake_case in Python and camelCase in YAML/JSON (the Kubernetes convention). Unknown
+fields are rejected (`extra="forbid"`) so a typo fails with the field's name instead of being ignored.
+The CRD schema in `crds/` is generated from these models (`rlp crd`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "rlp.dev"
+API_VERSION = "v1alpha1"
+KIND = "RLPRun"
+
+PHASES_PER_ROUND = ("generate", "refine", "synthesize", "optimize")
+PhaseName = Literal["sft", "reward", "generate", "refine", "synthesize", "optimize", "evaluate"]
+
+
+class SpecModel(BaseModel):
+    """Base: camelCase aliases, strict keys, validated defaults."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(alias=to_camel),
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+class TinyModel(SpecModel):
+    """A small Llama built from a config, with a tokenizer trained on the task's own text.
+
+    Used when no pretrained checkpoint is given: the quickstart, the tests and the offline benchmark.
+    """
+
+    hidden_size: int = Field(64, ge=8, le=4096, description="Transformer width.")
+    num_layers: int = Field(2, ge=1, le=64, description="Number of decoder layers.")
+    num_heads: int = Field(4, ge=1, le=64, description="Attention heads; must divide hiddenSize.")
+    intermediate_size: int = Field(128, ge=8, le=16384, description="MLP width.")
+    max_positions: int = Field(128, ge=16, le=8192, description="Longest prompt+response in tokens.")
+    vocab_size: int = Field(96, ge=32, le=65536, description="Target size of the trained BPE vocabulary.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModel:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hiddenSize ({self.hidden_size}) must be a multiple of numHeads ({self.num_heads})"
+            )
+        return self
+
+
+class Training(SpecModel):
+    """Optimiser settings shared by the supervised phases (SFT, reward model)."""
+
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data (fractions allowed).")
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class SFT(SpecModel):
+    """Supervised fine-tuning, run before round 1 when `policy.model` is not given."""
+
+    demonstrations: str = Field(
+        "builtin://arith/demonstrations",
+        description="JSONL of {prompt, response}; builtin://<task>/demonstrations for a built-in task.",
+    )
+    tiny: TinyModel = Field(default_factory=TinyModel, description="Architecture of the model trained from scratch.")
+    training: Training = Field(default_factory=lambda: Training(epochs=6, learning_rate=3e-3, batch_size=64))
+
+
+class Policy(SpecModel):
+    model: str | None = Field(
+        None, description="HF-format directory (URI) of the starting (SFT) policy; omit to run the sft phase."
+    )
+    sft: SFT = Field(default_factory=SFT)
+
+
+class RewardModel(SpecModel):
+    model: str | None = Field(
+        None, description="HF-format directory (URI) of a trained reward model; omit to run the reward phase."
+    )
+    human_preferences: str = Field(
+        "builtin://arith/preferences", description="JSONL of {prompt, chosen, rejected} human preference pairs."
+    )
+    held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs kept out to measure accuracy.")
+    training: Training = Field(default_factory=lambda: Training(epochs=2, learning_rate=1e-3, batch_size=32))
+
+
+class Generation(SpecModel):
+    """Sampling of the policy: rollouts in the generate phase and responses in evaluate."""
+
+    samples_per_prompt: int = Field(8, ge=1, le=256)
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts per round.")
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8, ge=1, le=8192)
+    batch_size: int = Field(64, ge=1, le=4096, description="Prompts per generate() call.")
+
+
+class UML(SpecModel):
+    """RLP-UML: multi-view information bottleneck on policy samples (see rlp_core.uml)."""
+
+    alpha: float = Field(0.1, ge=0, description="Weight of the MIB term against the pairwise loss.")
+    beta: float = Field(1e-3, ge=0, description="Final weight of the symmetric-KL term.")
+    beta_start: float = Field(1e-4, ge=0, description="Initial weight of the symmetric-KL term (annealed).")
+    latent_dim: int = Field(32, ge=1, le=4096)
+    training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
+
+
+class SPG(SpecModel):
+    """RLP-SPG: synthetic preference pairs from self-consistent policy samples (see rlp_core.spg)."""
+
+    equivalence: Literal["exact", "normalized", "embedding"] = Field(
+        "normalized", description="How two samples are judged to give the same answer."
+    )
+    embedding_threshold: float = Field(0.9, gt=0, le=1, description="Cosine similarity for `embedding`.")
+    max_entropy: float | None = Field(
+        None, ge=0, description="Keep prompts whose semantic entropy is at most this (nats)."
+    )
+    keep_fraction: float = Field(
+        0.5, gt=0, le=1, description="Used when maxEntropy is unset: keep this most-confident share of prompts."
+    )
+    pairs_per_prompt: int = Field(1, ge=1, le=64)
+    training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
+
+
+class SER(SpecModel):
+    """Self-Evolved Reward learning (see rlp_core.ser)."""
+
+    high_confidence: float = Field(0.9, gt=0.5, lt=1, description="p=σ(Δr) above this (or below 1-it) is confident.")
+    low_confidence: float = Field(0.7, gt=0.5, lt=1, description="Lower edge of the middle band used once easy pairs run out.")
+    max_iterations: int = Field(3, ge=1, le=100)
+    min_new_pairs: int = Field(8, ge=0, description="Stop when an iteration selects fewer new pairs than this.")
+    training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> SER:
+        if self.low_confidence > self.high_confidence:
+            raise ValueError("lowConfidence must not exceed highConfidence")
+        return self
+
+
+class RewardLearning(SpecModel):
+    strategy: Literal["rlp-spg", "rlp-uml", "rlp", "ser", "none"] = Field(
+        "rlp-spg",
+        description="rlp-uml: refine only; rlp-spg: synthesize only; rlp: both; ser: self-evolved RM; none: fixed RM.",
+    )
+    uml: UML = Field(default_factory=UML)
+    spg: SPG = Field(default_factory=SPG)
+    ser: SER = Field(default_factory=SER)
+
+
+class PPO(SpecModel):
+    clip_range: float = Field(0.2, gt=0, lt=1, description="ε of the clipped ratio.")
+
+
+class APA(SpecModel):
+    lam: float = Field(
+        0.1, gt=0, description="λ of APA's target π_init·exp(A/λ): larger stays closer to the initial policy."
+    )
+
+
+class DeepSpeed(SpecModel):
+    enabled: Literal["auto", "true", "false"] = Field(
+        "auto", description="auto: ZeRO when CUDA is present or the phase spans several processes."
+    )
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: Literal["auto", "true", "false"] = Field("auto", description="auto: bf16 on GPUs that support it.")
+
+
+class Optimization(SpecModel):
+    algorithm: Literal["ppo", "apa"] = "ppo"
+    ppo: PPO = Field(default_factory=PPO)
+    apa: APA = Field(default_factory=APA)
+    steps: int = Field(40, ge=1, description="Rollout/update iterations per round.")
+    rollout_batch_size: int = Field(64, ge=1, description="Prompts per rollout.")
+    mini_batch_size: int = Field(32, ge=1)
+    ppo_epochs: int = Field(2, ge=1, le=64)
+    learning_rate: float = Field(3e-4, gt=0, le=1)
+    value_learning_rate: float | None = Field(None, gt=0, le=1, description="Defaults to learningRate.")
+    warmup_steps: int = Field(2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    value_clip: float = Field(0.2, gt=0)
+    value_coef: float = Field(0.5, ge=0)
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value when adaptive).")
+    target_kl: float | None = Field(None, gt=0, description="Adapt β towards this KL (Ziegler et al.); fixed β when unset.")
+    max_approx_kl: float | None = Field(
+        0.5, gt=0, description="Stop an update epoch early when the approximate KL to the rollout policy exceeds this."
+    )
+    whiten_rewards: bool = False
+    reward_clip: float | None = Field(10.0, gt=0)
+    missing_eos_penalty: float | None = Field(
+        -1.0, description="Score given to responses with no EOS (null: score them as they are)."
+    )
+    temperature: float = Field(1.0, gt=0, le=10)
+    max_new_tokens: int = Field(8, ge=1, le=8192)
+    checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
+
+    @model_validator(mode="after")
+    def _minibatch_divides(self) -> Optimization:
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ValueError(
+                f"miniBatchSize ({self.mini_batch_size}) must not exceed rolloutBatchSize ({self.rollout_batch_size})"
+            )
+        return self
+
+
+class Evaluation(SpecModel):
+    prompts: str = Field("builtin://arith/eval", description="JSONL of prompts the two policies answer.")
+    judge: str = Field(
+        "reward-model",
+        description="reward-model (the final refined RM) or builtin://<task> (a programmatic gold judge).",
+    )
+    max_prompts: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, gt=0, le=10)
+    max_new_tokens: int = Field(8, ge=1, le=8192)
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the win-rate's confidence interval.")
+
+
+class SecretRef(SpecModel):
+    name: str = Field(..., min_length=1, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+
+
+class Storage(SpecModel):
+    uri: str = Field("file://./runs", description="Root for checkpoints and phase outputs: s3://bucket/prefix or file://dir.")
+    endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS servers.")
+    region: str | None = None
+    secret_ref: SecretRef | None = Field(None, description="Credentials for s3:// (cluster runs).")
+
+
+class Toleration(SpecModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(SpecModel):
+    """Where and how the phase workloads run on a cluster (ignored by `rlp run`)."""
+
+    image: str = Field("ghcr.io/rlp-dev/rlp-job:0.1.0", description="Container image of the phase jobs.")
+    gpus_per_pod: int = Field(1, ge=0, le=64)
+    nodes: int = Field(1, ge=1, le=1024, description="Pods per phase (indexed Job with a headless Service when >1).")
+    cpu: str = Field("4", description="CPU request per pod.")
+    memory: str = Field("32Gi", description="Memory request per pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    queue: str | None = Field(None, description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name).")
+    service_account_name: str | None = None
+
+
+class PhaseOverride(SpecModel):
+    """Per-phase overrides of `resources` (e.g. more nodes for optimize, no GPU for evaluate)."""
+
+    image: str | None = None
+    gpus_per_pod: int | None = Field(None, ge=0, le=64)
+    nodes: int | None = Field(None, ge=1, le=1024)
+    cpu: str | None = None
+    memory: str | None = None
+    active_deadline_seconds: int | None = Field(None, ge=1)
+
+
+class RLPRunSpec(SpecModel):
+    policy: Policy = Field(default_factory=Policy)
+    reward_model: RewardModel = Field(default_factory=RewardModel)
+    prompts: str = Field("builtin://arith/prompts", description="JSONL of {prompt} the policy is sampled on.")
+    generation: Generation = Field(default_factory=Generation)
+    reward_learning: RewardLearning = Field(default_factory=RewardLearning)
+    optimization: Optimization = Field(default_factory=Optimization)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    rounds: int = Field(1, ge=1, le=100)
+    seed: int = Field(0, ge=0)
+    storage: Storage = Field(default_factory=Storage)
+    resources: Resources = Field(default_factory=Resources)
+    phases: dict[PhaseName, PhaseOverride] = Field(default_factory=dict)
+    backoff_limit: int = Field(3, ge=0, le=100, description="Attempts per phase before the run fails.")
+    suspend: bool = False
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+
+    def phase_plan(self) -> list[tuple[int, str]]:
+        """(round, phase) in execution order; round 0 holds the one-off phases before round 1."""
+        plan: list[tuple[int, str]] = []
+        if self.policy.model is None:
+            plan.append((0, "sft"))
+        if self.reward_model.model is None:
+            plan.append((0, "reward"))
+        for k in range(1, self.rounds + 1):
+            plan += [(k, name) for name in PHASES_PER_ROUND]
+        plan.append((self.rounds, "evaluate"))
+        return plan
+
+    def phase_enabled(self, phase: str) -> bool:
+        """A phase whose strategy is `none` (or not chosen) is skipped and recorded as skipped."""
+        strategy = self.reward_learning.strategy
+        if phase == "refine":
+            return strategy in ("rlp-uml", "rlp")
+        if phase == "synthesize":
+            return strategy in ("rlp-spg", "rlp", "ser")
+        return True
+
+    def hash(self) -> str:
+        """Stable hash of the spec's content; recorded in every manifest."""
+        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class Metadata(SpecModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field("quickstart", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=50)
+    namespace: str = "default"
+
+
+class RLPRun(SpecModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, alias_generator=AliasGenerator(alias=to_camel))
+    api_version: Literal["rlp.dev/v1alpha1"] = "rlp.dev/v1alpha1"
+    kind: Literal["RLPRun"] = "RLPRun"
+    metadata: Metadata = Field(default_factory=Metadata)
+    spec: RLPRunSpec = Field(default_factory=RLPRunSpec)
+
+
+class SpecError(ValueError):
+    """A spec that fails validation; the message names every bad field by its YAML path."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid RLPRun ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  - {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_run(doc: dict[str, Any], source: str = "<spec>") -> RLPRun:
+    try:
+        return RLPRun.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+
+
+def load_run(path: str | Path) -> RLPRun:
+    """Load an RLPRun YAML (the same file `kubectl apply` takes) or a bare spec JSON (`rlp phase`)."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read: {err.strerror}") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: expected a mapping with apiVersion/kind/metadata/spec")
+    if "spec" not in doc and "kind" not in doc:
+        doc = {"spec": doc}
+    return parse_run(doc, str(path))
