@@ -1,0 +1,181 @@
+"""Manifest tests on a LocalStore: written last and once, verification, fetch of complete outputs only."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from rlp_core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    code_version,
+    fetch_phase_output,
+    phase_prefix,
+    publish_phase_output,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
+from rlp_core.store import LocalStore, StoreError
+
+FILES = {"config.json": b'{"a": 1}', "model.safetensors": os.urandom(200_000), "tok/vocab.txt": b"x\ny\n"}
+
+
+def _src(tmp_path: Path) -> Path:
+    root = tmp_path / "out"
+    for rel, data in FILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def _publish(store, src, **kw):
+    args = dict(phase="optimize", round=1, metrics={"kl": 0.1}, spec_hash="abc", code_version="v")
+    return publish_phase_output(store, src, **(args | kw))
+
+
+class RecordingStore(LocalStore):
+    """A LocalStore that records the order of writes and can fail the N-th file upload (a crash)."""
+
+    def __init__(self, root, fail_at: int | None = None):
+        super().__init__(root)
+        self.writes: list[str] = []
+        self.fail_at = fail_at
+
+    def put_file(self, local, key):
+        if self.fail_at is not None and len(self.writes) == self.fail_at:
+            raise OSError("simulated crash during upload")
+        self.writes.append(key)
+        return super().put_file(local, key)
+
+    def put_bytes(self, key, data, *, if_absent=False):
+        self.writes.append(key)
+        return super().put_bytes(key, data, if_absent=if_absent)
+
+
+def test_phase_prefix():
+    assert phase_prefix("ns", "run1", 2, "generate") == "ns/run1/round-2/generate"
+    assert phase_prefix("ns", "run1", 0, "sft") == "ns/run1/round-0/sft"
+    for bad in [("", "r", 1, "p"), ("ns", "a/b", 1, "p"), ("ns", "r", -1, "p"), ("ns", "r", 1, "..")]:
+        with pytest.raises(StoreError):
+            phase_prefix(*bad)
+
+
+def test_code_version():
+    v = code_version()
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*?(\+g[0-9a-f]{12}(\.dirty)?)?", v), v
+
+
+def test_publish_then_fetch(tmp_path):
+    store = LocalStore(tmp_path / "store").child(phase_prefix("ns", "run", 1, "optimize"))
+    m = _publish(store, _src(tmp_path), started_at="2026-01-01T00:00:00Z")
+    assert sorted(f.path for f in m.files) == sorted(FILES)
+    assert m.created_at.endswith("Z") and m.started_at == "2026-01-01T00:00:00Z"
+    raw = json.loads(store.get_bytes(MANIFEST_NAME))
+    assert raw["phase"] == "optimize" and raw["round"] == 1 and raw["metrics"] == {"kl": 0.1}
+    assert read_manifest(store) == m
+    assert verify_manifest(store) == m and verify_manifest(store, deep=True) == m
+
+    dst = tmp_path / "fetched"
+    assert fetch_phase_output(store, dst) == m
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == sorted(FILES)
+    assert all((dst / k).read_bytes() == v for k, v in FILES.items())
+
+
+def test_manifest_is_written_last(tmp_path):
+    store = RecordingStore(tmp_path / "store")
+    _publish(store, _src(tmp_path))
+    assert store.writes[-1] == MANIFEST_NAME and store.writes.count(MANIFEST_NAME) == 1
+
+
+def test_crash_during_upload_leaves_no_manifest(tmp_path):
+    store = RecordingStore(tmp_path / "store", fail_at=2)
+    with pytest.raises(OSError, match="simulated crash"):
+        _publish(store, _src(tmp_path))
+    assert not store.exists(MANIFEST_NAME)
+    assert read_manifest(store) is None and verify_manifest(store) is None
+    with pytest.raises(StoreError, match="incomplete"):
+        fetch_phase_output(store, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+    # the rerun completes the output
+    store.fail_at = None
+    m = _publish(store, _src(tmp_path))
+    assert verify_manifest(store) == m
+
+
+def test_manifest_written_exactly_once(tmp_path):
+    store = LocalStore(tmp_path)
+    m = Manifest(phase="p", round=1, files=[], spec_hash="h", code_version="v")
+    write_manifest(store, m)
+    with pytest.raises(FileExistsError):
+        write_manifest(store, m.model_copy(update={"phase": "other"}))
+    assert read_manifest(store).phase == "p"
+
+
+def test_publish_refuses_to_redo_a_complete_phase(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    src = _src(tmp_path)
+    _publish(store, src)
+    (src / "model.safetensors").write_bytes(b"different")
+    with pytest.raises(FileExistsError, match="already complete"):
+        _publish(store, src)
+    assert verify_manifest(store, deep=True) is not None  # nothing was overwritten
+
+
+def test_publish_replaces_a_manifest_that_no_longer_verifies(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    src = _src(tmp_path)
+    _publish(store, src)
+    store.delete("tok/vocab.txt")
+    assert verify_manifest(store) is None
+    m = _publish(store, src, metrics={"kl": 0.2})
+    assert verify_manifest(store) == m and m.metrics == {"kl": 0.2}
+
+
+def test_publish_refuses_reserved_name(tmp_path):
+    src = _src(tmp_path)
+    (src / MANIFEST_NAME).write_text("{}")
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(StoreError, match="reserved"):
+        _publish(store, src)
+    assert store.list() == []
+
+
+def test_verify_detects_missing_and_resized_files(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    _publish(store, _src(tmp_path))
+    store.put_bytes("config.json", b'{"a": 12}')  # one byte longer
+    assert verify_manifest(store) is None
+    with pytest.raises(StoreError, match="incomplete"):
+        fetch_phase_output(store, tmp_path / "dst")
+
+    store2 = LocalStore(tmp_path / "store2")
+    _publish(store2, _src(tmp_path))
+    store2.delete("model.safetensors")
+    assert verify_manifest(store2) is None
+
+
+def test_deep_verify_detects_corruption(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    _publish(store, _src(tmp_path))
+    data = bytearray(FILES["model.safetensors"])
+    data[1000] ^= 0xFF
+    store.put_bytes("model.safetensors", bytes(data))  # same size
+    assert verify_manifest(store) is not None  # a shallow check cannot see it
+    assert verify_manifest(store, deep=True) is None
+    dst = tmp_path / "dst"
+    with pytest.raises(StoreError, match="sha256 mismatch"):  # fetch always checks hashes
+        fetch_phase_output(store, dst)
+    assert not dst.exists()
+
+
+def test_unparsable_manifest(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put_bytes(MANIFEST_NAME, b"{not json")
+    with pytest.raises(StoreError, match="unparsable manifest"):
+        read_manifest(store)
+    assert verify_manifest(store) is None
