@@ -1,0 +1,153 @@
+"""Policy, reward and value models, and the token-level plumbing they share.
+
+- Policy: any `AutoModelForCausalLM`.
+- Reward model: `AutoModelForSequenceClassification` with one label. transformers scores the last
+  non-pad token of each row (it locates it from `pad_token_id`, so left and right padding both work),
+  which is the RM convention of the spec; the tokenizer's pad token is distinct from EOS so a response's
+  EOS is the token scored.
+- Value model: `AutoModelForTokenClassification` with one label, initialised from the reward model (the
+  usual choice: the critic starts from a network that already reads rewards).
+
+Sequences are laid out as `[left-padded prompt | response, right-padded]`. HF Llama does not derive
+positions from the attention mask, so every forward pass here passes `position_ids` computed from it,
+the same ones `generate()` uses: left padding then changes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from rlp_core.spec import TinyModel
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer trained on the task's own text (no download)."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    fast.padding_side = "left"
+    return fast
+
+
+def build_tiny_policy(tokenizer: PreTrainedTokenizerFast, cfg: TinyModel, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    tok.padding_side = "left"
+    return tok
+
+
+def load_policy(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_reward_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """An RM checkpoint, or a policy checkpoint to initialise one from (a fresh scalar head)."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return model
+
+
+def load_value_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerFast, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch."""
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerFast, prompts: list[str], responses: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    """Prompt+response+EOS sequences, left-padded, with a mask of the response tokens (for SFT loss).
+
+    Prompt and response are tokenized separately so the boundary is exact and matches generation.
+    Overlong rows keep their end (the response), cutting the prompt's start.
+    """
+    rows, resp_masks = [], []
+    for p, r in zip(prompts, responses, strict=True):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p_ids + r_ids)[-max_length:]
+        mask = ([0] * len(p_ids) + [1] * len(r_ids))[-max_length:]
+        rows.append(ids)
+        resp_masks.append(mask)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, m) in enumerate(zip(rows, resp_masks)):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention[i, width - len(ids):] = 1
+        response_mask[i, width - len(ids):] = torch.tensor(m)
+    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response_mask}
+
+
+def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar RM score per row, read at the last non-pad token."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return out.logits.squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(token) under `logits / temperature`; logits[:, t] predicts tokens[:, t]."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(
+    model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, logits) of the response tokens sequences[:, prompt_len:] under `model`."""
+    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    logits = out.logits[:, prompt_len - 1 : -1]
+    return token_logprobs(logits, sequences[:, prompt_len:], temperature), logits
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

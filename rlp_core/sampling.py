@@ -1,0 +1,79 @@
+"""Batched sampling of a policy: k samples per prompt, left-padded prompts, EOS handling.
+
+`sample_responses` is shared by the generate phase, PPO/APA rollouts and evaluation, so all three see
+the same tokens, masks and log-probs. The log-probs are of the sampling distribution (logits divided
+by the temperature), recomputed with a forward pass over the full sequences rather than taken from
+`generate()`'s processed scores, which top-p would distort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from rlp_core.models import encode_prompts, response_logprobs
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses. `sequences` = [left-padded prompt | response]."""
+
+    sequences: torch.Tensor  # (B, P+R)
+    attention_mask: torch.Tensor  # (B, P+R): prompt mask, then response tokens up to and including EOS
+    response_mask: torch.Tensor  # (B, R): valid response tokens
+    logprobs: torch.Tensor  # (B, R): sampling log-probs, 0 on padding
+    finished: torch.Tensor  # (B,) bool: the response ended with EOS
+    prompt_len: int
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len :]
+
+
+def response_mask_from(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first EOS; and whether an EOS occurred."""
+    is_eos = responses == eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).long(), is_eos.any(1)
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> Rollout:
+    enc = encode_prompts(tokenizer, prompts)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    prompt_len = enc["input_ids"].shape[1]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    was_training = model.training
+    model.eval()
+    sequences = model.generate(**enc, generation_config=config)
+    responses = sequences[:, prompt_len:]
+    if responses.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
+        pad = torch.full((len(prompts), max_new_tokens - responses.shape[1]), tokenizer.pad_token_id,
+                         dtype=responses.dtype, device=responses.device)
+        responses = torch.cat([responses, pad], dim=1)
+        sequences = torch.cat([sequences[:, :prompt_len], responses], dim=1)
+    resp_mask, finished = response_mask_from(responses, tokenizer.eos_token_id)
+    attention = torch.cat([enc["attention_mask"], resp_mask], dim=1)
+    logprobs, _ = response_logprobs(model, sequences, attention, prompt_len, temperature)
+    model.train(was_training)
+    return Rollout(sequences, attention, resp_mask, logprobs * resp_mask, finished, prompt_len)
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerFast, rollout: Rollout) -> list[str]:
+    ids = rollout.response_ids * rollout.response_mask + tokenizer.pad_token_id * (1 - rollout.response_mask)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)

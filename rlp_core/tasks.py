@@ -1,0 +1,105 @@
+"""Built-in tasks: data generated on the spot plus a programmatic gold judge (no downloads).
+
+`builtin://arith/<split>` is the quickstart's task: two-number addition ("17+5=" -> "22"). It is small
+enough for a tiny model to learn partly in seconds on a CPU, has a known optimum (the exact sum), and
+has short answers, so the self-consistency that RLP-SPG relies on is meaningful. The splits mimic the
+AlpacaFarm setting of the RLP paper at toy scale:
+
+- demonstrations: noisy SFT data (a share of wrong answers), so SFT makes the policy only partly competent;
+- preferences: a *small* human-preference set labelled by simulated noisy annotators;
+- prompts / eval: unlabeled prompts for RL, and held-out prompts for the win-rate.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlparse
+
+_ANSWER = re.compile(r"^\s*(-?\d+)")
+
+
+@dataclass(frozen=True)
+class ArithTask:
+    """Addition of two numbers in [0, max_operand]; split seeds keep splits disjoint-ish and stable."""
+
+    max_operand: int = 19
+    demo_error_rate: float = 0.3
+    annotator_flip_rate: float = 0.2
+
+    name = "arith"
+    splits = ("demonstrations", "preferences", "prompts", "eval")
+    _split_seed = {"demonstrations": 11, "preferences": 23, "prompts": 37, "eval": 53}
+    _default_size = {"demonstrations": 3000, "preferences": 300, "prompts": 512, "eval": 200}
+
+    def _operands(self, rng: random.Random) -> tuple[int, int]:
+        return rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+
+    @staticmethod
+    def prompt(a: int, b: int) -> str:
+        return f"{a}+{b}="
+
+    def truth(self, prompt: str) -> int:
+        a, b = prompt.rstrip("=").split("+")
+        return int(a) + int(b)
+
+    def _wrong(self, truth: int, rng: random.Random) -> str:
+        delta = rng.choice([-10, -2, -1, 1, 2, 10])
+        return str(truth + delta if truth + delta >= 0 else truth - delta)
+
+    def gold_score(self, prompt: str, response: str) -> float:
+        """Gold reward: 1 for the exact sum, partial credit for near misses, 0 for non-numbers."""
+        match = _ANSWER.match(response)
+        if not match:
+            return 0.0
+        error = abs(int(match.group(1)) - self.truth(prompt))
+        return 1.0 if error == 0 else 0.5 / (1 + error)
+
+    def records(self, split: str, n: int | None = None, seed: int | None = None) -> list[dict]:
+        if split not in self.splits:
+            raise ValueError(f"builtin://{self.name} has no split {split!r}; choose one of {', '.join(self.splits)}")
+        rng = random.Random(self._split_seed[split] if seed is None else seed)
+        n = self._default_size[split] if n is None else n
+        out: list[dict] = []
+        for i in range(n):
+            a, b = self._operands(rng)
+            prompt, truth = self.prompt(a, b), a + b
+            if split == "demonstrations":
+                wrong = rng.random() < self.demo_error_rate
+                out.append({"prompt": prompt, "response": self._wrong(truth, rng) if wrong else str(truth)})
+            elif split == "preferences":
+                good, bad = str(truth), self._wrong(truth, rng)
+                if rng.random() < self.annotator_flip_rate:
+                    good, bad = bad, good
+                out.append({"prompt": prompt, "chosen": good, "rejected": bad})
+            else:
+                out.append({"id": f"{split}-{i}", "prompt": prompt})
+        return out
+
+
+TASKS = {"arith": ArithTask()}
+
+
+def parse_builtin(uri: str) -> tuple[ArithTask, str | None, dict[str, int]]:
+    """`builtin://arith/prompts?n=100&seed=3` -> (task, split, {n, seed}); split may be None (judge URIs)."""
+    parsed = urlparse(uri)
+    task = TASKS.get(parsed.netloc)
+    if task is None:
+        raise ValueError(f"{uri}: unknown built-in task {parsed.netloc!r}; known: {', '.join(TASKS)}")
+    split = parsed.path.strip("/") or None
+    params = {k: int(v[-1]) for k, v in parse_qs(parsed.query).items() if k in ("n", "seed")}
+    return task, split, params
+
+
+def builtin_records(uri: str) -> list[dict]:
+    task, split, params = parse_builtin(uri)
+    if split is None:
+        raise ValueError(f"{uri}: name a split, e.g. builtin://{task.name}/prompts")
+    return task.records(split, **params)
+
+
+def gold_judge(uri: str):
+    """The gold scorer (prompt, response) -> float of a built-in task URI such as `builtin://arith`."""
+    task, _, _ = parse_builtin(uri)
+    return task.gold_score
