@@ -149,7 +149,8 @@ class Store(abc.ABC):
         S3 settings not given fall back to the environment: credentials to boto3's default chain
         (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, IRSA), the endpoint to
         ``RLP_S3_ENDPOINT`` then ``AWS_ENDPOINT_URL``, retries to ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS``
-        (default standard mode, 5 attempts). ``timeout`` sets botocore's connect and read timeouts.
+        (default: standard mode, 5 attempts per request in all). ``timeout`` sets botocore's connect and
+        read timeouts.
         """
         parsed = urlparse(uri)
         if parsed.scheme == "s3":
@@ -391,7 +392,8 @@ def _make_s3_client(
         raise StoreError("give both access_key and secret_key, or neither (to use the environment)")
     retries = {
         "mode": retry_mode or os.environ.get("AWS_RETRY_MODE") or "standard",
-        "max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 5),
+        # Total attempts per request, first one included (botocore's "max_attempts" counts retries only).
+        "total_max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 5),
     }
     options: dict = {"retries": retries}
     if endpoint:
@@ -446,7 +448,9 @@ class S3Store(Store):
             if code in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict"):
                 raise FileExistsError(f"{url} already exists (conditional write refused)") from None
             if code == "NoSuchBucket":
-                raise StoreError(f"cannot {action} {url}: bucket {self.bucket!r} does not exist; create it first") from e
+                raise StoreError(
+                    f"cannot {action} {url}: bucket {self.bucket!r} does not exist; create it first"
+                ) from e
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise StoreError(
                     f"cannot {action} {url}: access denied ({code}); check the credentials "
@@ -458,10 +462,11 @@ class S3Store(Store):
                 f"cannot {action} {url}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from e
         except (BotoCoreError, Boto3Error) as e:
-            endpoint = self.client.meta.endpoint_url
+            meta = self.client.meta
+            attempts = meta.config.retries["total_max_attempts"]
             raise StoreError(
-                f"cannot {action} {url} (endpoint {endpoint}): {e}. Check that the S3 endpoint is reachable "
-                "(RLP_S3_ENDPOINT / storage.endpoint); retries were exhausted"
+                f"cannot {action} {url} (endpoint {meta.endpoint_url}, up to {attempts} attempts per request): {e}. "
+                "Check that the S3 endpoint is reachable (RLP_S3_ENDPOINT / storage.endpoint)"
             ) from e
 
     def exists(self, key: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ from rlp_core.manifest import (
     verify_manifest,
     write_manifest,
 )
-from rlp_core.store import LocalStore, StoreError
+from rlp_core.store import LocalStore, S3Store, Store, StoreError
+
+MiB = 1 << 20
 
 FILES = {"config.json": b'{"a": 1}', "model.safetensors": os.urandom(200_000), "tok/vocab.txt": b"x\ny\n"}
 
@@ -179,3 +182,97 @@ def test_unparsable_manifest(tmp_path):
     with pytest.raises(StoreError, match="unparsable manifest"):
         read_manifest(store)
     assert verify_manifest(store) is None
+
+
+# --- on a real S3 server (versitygw) ------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_phase(s3_server, s3_bucket) -> S3Store:
+    """A phase prefix in a fresh bucket; 2 attempts per request keeps outage tests quick."""
+    return Store.from_uri(
+        f"s3://{s3_bucket}/data",
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        max_attempts=2,
+        timeout=10,
+    ).child(phase_prefix("ns", "run", 1, "optimize"))
+
+
+def _big_src(tmp_path: Path) -> Path:
+    root = _src(tmp_path)
+    (root / "policy.safetensors").write_bytes(os.urandom(20 * MiB))  # multipart: several UploadPart calls
+    return root
+
+
+def _outage_on_first_upload_part(store: S3Store, s3_server, restart_after: float | None) -> threading.Event:
+    """Stop the real server as the first multipart part is sent (botocore's before-send event), so the
+    outage hits the middle of a file; optionally start it again after ``restart_after`` seconds."""
+    fired = threading.Event()
+
+    def hook(**_):
+        if not fired.is_set():
+            fired.set()
+            s3_server.stop()
+            if restart_after is not None:
+                threading.Timer(restart_after, s3_server.start).start()
+
+    store.client.meta.events.register("before-send.s3.UploadPart", hook)
+    return fired
+
+
+@pytest.mark.s3
+def test_s3_publish_fetch_and_deep_verify(s3_phase, s3_client, s3_bucket, tmp_path):
+    m = _publish(s3_phase, _big_src(tmp_path))
+    assert verify_manifest(s3_phase, deep=True) == m
+    dst = tmp_path / "dst"
+    assert fetch_phase_output(s3_phase, dst) == m
+    assert (dst / "policy.safetensors").read_bytes() == (tmp_path / "out" / "policy.safetensors").read_bytes()
+
+    key = f"data/{phase_prefix('ns', 'run', 1, 'optimize')}/config.json"
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b'{"a": 2}')  # same size, other content
+    assert verify_manifest(s3_phase) == m and verify_manifest(s3_phase, deep=True) is None
+    with pytest.raises(StoreError, match="sha256 mismatch"):
+        fetch_phase_output(s3_phase, tmp_path / "dst2")
+    assert not (tmp_path / "dst2").exists()
+
+
+@pytest.mark.s3
+def test_s3_manifest_written_exactly_once(s3_phase):
+    m = Manifest(phase="optimize", round=1, files=[], spec_hash="h", code_version=code_version())
+    write_manifest(s3_phase, m)
+    with pytest.raises(FileExistsError, match=MANIFEST_NAME):
+        write_manifest(s3_phase, m.model_copy(update={"spec_hash": "other"}))
+    assert read_manifest(s3_phase) == m
+
+
+@pytest.mark.s3
+def test_s3_outage_during_upload_leaves_no_manifest(s3_phase, s3_server, tmp_path):
+    outage = _outage_on_first_upload_part(s3_phase, s3_server, restart_after=None)
+    try:
+        with pytest.raises(StoreError, match="up to 2 attempts"):
+            _publish(s3_phase, _big_src(tmp_path))
+    finally:
+        s3_server.start()
+    assert outage.is_set()
+    assert read_manifest(s3_phase) is None and verify_manifest(s3_phase) is None
+    with pytest.raises(StoreError, match="incomplete"):
+        fetch_phase_output(s3_phase, tmp_path / "dst")
+    m = _publish(s3_phase, _big_src(tmp_path))  # the rerun completes the phase
+    assert verify_manifest(s3_phase, deep=True) == m
+
+
+@pytest.mark.s3
+def test_s3_short_outage_is_ridden_out_by_retries(s3_server, s3_bucket, tmp_path):
+    store = Store.from_uri(
+        f"s3://{s3_bucket}/data",
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        max_attempts=10,  # standard-mode backoff over 10 attempts outlasts a 1 s outage
+    ).child("phase")
+    outage = _outage_on_first_upload_part(store, s3_server, restart_after=1.0)
+    m = _publish(store, _big_src(tmp_path))
+    assert outage.is_set()
+    assert verify_manifest(store, deep=True) == m
