@@ -110,6 +110,7 @@ def _temp_beside(target: Path) -> Iterator[tuple[IO[bytes], Path]]:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{_TMP_MARK}")
     tmp_path = Path(tmp)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide checkpoints from other users of a shared volume
         with os.fdopen(fd, "wb") as f:
             yield f, tmp_path
     except BaseException:
@@ -117,9 +118,8 @@ def _temp_beside(target: Path) -> Iterator[tuple[IO[bytes], Path]]:
         raise
 
 
-def _check_hash(actual: str, expected: str | None, what: str, tmp: Path) -> None:
+def _check_hash(actual: str, expected: str | None, what: str) -> None:
     if expected is not None and actual != expected.lower():
-        tmp.unlink(missing_ok=True)
         raise IntegrityError(
             f"sha256 mismatch for {what}: expected {expected}, got {actual}. The stored object is "
             "corrupted or was replaced after its manifest was written; rerun the phase that produced it."
@@ -244,6 +244,7 @@ class Store(abc.ABC):
         local_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=local_dir.parent, prefix=f".{local_dir.name}{_TMP_MARK}"))
         try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
             for f in files:
                 rel = _check_key(f.path)
                 self.get_file(_join(prefix, rel), tmp / rel, sha256=f.sha256 or None)
@@ -334,7 +335,8 @@ class LocalStore(Store):
             while chunk := s.read(_CHUNK):
                 h.update(chunk)
                 f.write(chunk)
-        _check_hash(h.hexdigest(), sha256, self.url(key), tmp)
+            f.close()
+            _check_hash(h.hexdigest(), sha256, self.url(key))  # on mismatch the temp file is removed
         os.replace(tmp, local)
 
     def list(self, prefix: str = "") -> list[FileEntry]:
@@ -510,7 +512,7 @@ class S3Store(Store):
             with self._errors(key, "download"):
                 self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer_config)
             if sha256 is not None:
-                _check_hash(sha256_file(tmp), sha256, self.url(key), tmp)
+                _check_hash(sha256_file(tmp), sha256, self.url(key))
             os.replace(tmp, local)
         except BaseException:
             tmp.unlink(missing_ok=True)
