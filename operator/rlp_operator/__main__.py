@@ -1,0 +1,5 @@
+import sys
+
+from rlp_operator.main import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,767 @@
+"""The RLPRun state machine: one idempotent `reconcile(namespace, name)` step.
+
+Level-triggered: every call reads the run (fresh from the apiserver), the Job of the current attempt (by
+its deterministic name) and, when it matters, the phase's manifest in the store, and moves the run as far
+as it can. All state lives in `status`; nothing is remembered between calls except metrics, so an
+operator killed at any moment and restarted continues every run where the cluster and the store say it
+is.
+
+Ordering rules that make a restart safe:
+* a Job is created *before* the status that names it is written; a restart that lost the status write
+  creates the same name again, gets 409 AlreadyExists and adopts the Job: never two Jobs for one attempt;
+* a phase is marked Succeeded only after its manifest verifies in the store, and before an attempt is
+  started the store is checked first: a complete phase is never run again;
+* deleting workloads (suspend) happens *after* the status that records it is written, and a recorded Job
+  that is still active is deleted before any new attempt starts: never two attempts running at once;
+* Events, metrics and deletions are emitted only after the status write succeeded (`_Step.after`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rlp_core.manifest import Manifest, phase_prefix, verify_manifest
+from rlp_core.spec import API_GROUP, API_VERSION, KIND, RLPRun, SpecError, parse_run
+from rlp_core.store import Store
+from rlp_operator import workload as wl
+from rlp_operator.crd import LOCKED_FIELDS
+from rlp_operator.kube import CONFIGMAPS, EVENTS, JOBS, PODS, RUNS, SECRETS, SERVICES, Kube, KubeError
+from rlp_operator.metrics import OperatorMetrics
+from rlp_operator.status import (
+    DONE_PHASE_STATES,
+    TERMINAL_RUN_STATES,
+    PhaseRecord,
+    RLPRunStatus,
+    fmt_time,
+    parse_time,
+    utcnow,
+)
+
+log = logging.getLogger("rlp_operator.reconciler")
+
+MAX_MESSAGE = 1024
+
+
+@dataclasses.dataclass
+class Settings:
+    backoff_base: float = 10.0  # seconds before the 2nd attempt; doubles per failure
+    backoff_max: float = 300.0
+    store_cache_seconds: float = 300.0
+    stale_job_requeue: float = 2.0
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        s = cls()
+        s.backoff_base = float(os.environ.get("RLP_OPERATOR_BACKOFF_BASE", s.backoff_base))
+        s.backoff_max = float(os.environ.get("RLP_OPERATOR_BACKOFF_MAX", s.backoff_max))
+        return s
+
+    def backoff(self, failures: int) -> float:
+        """Wait before the attempt that follows the `failures`-th failure: base·2^(failures-1), capped."""
+        return min(self.backoff_base * (2 ** max(failures - 1, 0)), self.backoff_max)
+
+
+def _trim(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def locked_hash(run: RLPRun) -> str:
+    """Hash of the spec fields that may not change while the run exists (see crd.LOCKED_FIELDS)."""
+    spec = run.spec.model_dump(mode="json", by_alias=True)
+    locked = {k: spec.get(k) for k in LOCKED_FIELDS}
+    return hashlib.sha256(json.dumps(locked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def job_outcome(job: dict[str, Any]) -> tuple[str, str, str, dt.datetime | None]:
+    """('active'|'succeeded'|'failed', reason, message, finished time) of a Job."""
+    status = job.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        when = parse_time(cond.get("lastTransitionTime"))
+        if cond.get("type") == "Complete":
+            return "succeeded", "Complete", cond.get("message", ""), parse_time(status.get("completionTime")) or when
+        if cond.get("type") == "Failed":
+            return "failed", cond.get("reason") or "Failed", cond.get("message") or "", when
+    return "active", "", "", None
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Store access with the run's own credentials
+
+
+class Stores:
+    """Opens a run's store with the credentials of the Secret its spec names (`storage.secretRef`).
+
+    The operator reads that Secret (`get` only, never list/watch) so it verifies manifests with exactly the
+    access the run's pods have; with no secretRef it uses its own environment (boto3's default chain).
+    Secret values stay in memory: never logged, never written to status, events or ConfigMaps.
+    """
+
+    def __init__(self, kube: Kube, cache_seconds: float = 300.0):
+        self.kube = kube
+        self.cache_seconds = cache_seconds
+        self._cache: dict[tuple, tuple[float, Store]] = {}
+        self._lock = threading.Lock()
+
+    def open(self, run: RLPRun) -> Store:
+        st = run.spec.storage
+        ns = run.metadata.namespace
+        key = (ns, st.uri, st.endpoint, st.region, st.secret_ref.name if st.secret_ref else None)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit and now - hit[0] < self.cache_seconds:
+                return hit[1]
+        access = secret = None
+        if st.secret_ref:
+            obj = self.kube.get(SECRETS, ns, st.secret_ref.name)
+            if obj is None:
+                raise StorageCredentialsError(
+                    f"storage.secretRef: Secret {ns}/{st.secret_ref.name} not found; create it with keys "
+                    f"{' and '.join(wl.SECRET_KEYS)}"
+                )
+            data = obj.get("data") or {}
+            missing = [k for k in wl.SECRET_KEYS if k not in data]
+            if missing:
+                raise StorageCredentialsError(
+                    f"storage.secretRef: Secret {ns}/{st.secret_ref.name} lacks key(s) {', '.join(missing)}"
+                )
+            access, secret = (base64.b64decode(data[k]).decode() for k in wl.SECRET_KEYS)
+        store = Store.from_uri(st.uri, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret)
+        with self._lock:
+            self._cache[key] = (now, store)
+        return store
+
+    def phase(self, run: RLPRun, round_: int, phase: str) -> Store:
+        return self.open(run).child(phase_prefix(run.metadata.namespace, run.metadata.name, round_, phase))
+
+    def verify(self, run: RLPRun, round_: int, phase: str) -> tuple[Manifest | None, str]:
+        store = self.phase(run, round_, phase)
+        return verify_manifest(store), store.url() + "/"
+
+    def delete_run_outputs(self, run: RLPRun) -> int:
+        return self.open(run).child(run.metadata.namespace, run.metadata.name).delete_prefix("")
+
+
+class StorageCredentialsError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+
+
+class EventRecorder:
+    """Posts core/v1 Events about a run (one per transition). Failures are logged, never raised."""
+
+    def __init__(self, kube: Kube, component: str = "rlp-operator"):
+        self.kube = kube
+        self.component = component
+        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    def post(self, run_body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = run_body["metadata"]
+        now = fmt_time(utcnow())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": _trim(message),
+            "source": {"component": self.component},
+            "reportingComponent": self.component,
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.kube.create(EVENTS, meta["namespace"], event)
+        except Exception as e:  # an event is informative; never fail a reconcile for it
+            log.warning("could not post event %s: %s", reason, e, extra={"run": meta["name"]})
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Step:
+    """What one reconcile decided: the new status plus effects to run once it is stored."""
+
+    body: dict[str, Any]
+    status: RLPRunStatus
+    now: dt.datetime
+    changed: bool = False
+    requeue: float | None = None
+    after: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+    def event(self, rec: Reconciler, type_: str, reason: str, message: str) -> None:
+        body = self.body
+        self.after.append(lambda: rec.events.post(body, type_, reason, message))
+        level = logging.WARNING if type_ == "Warning" else logging.INFO
+        self.after.append(
+            lambda: log.log(
+                level,
+                message,
+                extra={
+                    "event": reason,
+                    "namespace": body["metadata"]["namespace"],
+                    "run": body["metadata"]["name"],
+                },
+            )
+        )
+
+    def wake(self, seconds: float) -> None:
+        seconds = max(seconds, 0.05)
+        self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        stores: Stores | None = None,
+        metrics: OperatorMetrics | None = None,
+        events: EventRecorder | None = None,
+        settings: Settings | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ):
+        self.kube = kube
+        self.settings = settings or Settings()
+        self.stores = stores or Stores(kube, self.settings.store_cache_seconds)
+        self.metrics = metrics or OperatorMetrics()
+        self.events = events or EventRecorder(kube)
+        self.clock = clock
+        self.own_writes: dict[tuple[str, str], str] = {}  # resourceVersion of our last status write
+
+    # ---- entry point ------------------------------------------------------------------------------
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """One step for one run; returns seconds after which to look again (None: wait for an event)."""
+        body = self.kube.get(RUNS, namespace, name)
+        if body is None:
+            self.metrics.forget_run(namespace, name)
+            self.own_writes.pop((namespace, name), None)
+            return None
+        if body["metadata"].get("deletionTimestamp"):
+            return self._finalize(body)
+        if wl.FINALIZER not in (body["metadata"].get("finalizers") or []):
+            body = self._add_finalizer(body)
+        step = _Step(body=body, status=RLPRunStatus.from_body(body), now=self.clock())
+        try:
+            run = parse_run(
+                {
+                    "apiVersion": body.get("apiVersion"),
+                    "kind": body.get("kind"),
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": body.get("spec") or {},
+                },
+                f"RLPRun {namespace}/{name}",
+            )
+        except SpecError as e:
+            self._fail_run(step, "InvalidSpec", str(e))
+            return self._commit(step, None)
+        self._advance(step, run)
+        return self._commit(step, run)
+
+    # ---- the state machine ------------------------------------------------------------------------
+    def _advance(self, step: _Step, run: RLPRun) -> None:
+        st = step.status
+        gen = step.body["metadata"].get("generation")
+        if st.phase in TERMINAL_RUN_STATES:
+            self._after_finished(step, run)
+            return
+        spec_hash = locked_hash(run)
+        if not st.phases:
+            self._init_plan(step, run, spec_hash)
+        elif st.spec_hash and st.spec_hash != spec_hash:
+            # The CRD makes these fields immutable; this guards a cluster running an older CRD.
+            self._fail_run(
+                step,
+                "ImmutableFieldChanged",
+                f"fields that define what is trained ({', '.join(LOCKED_FIELDS)}) changed mid-run; "
+                "create a new RLPRun instead",
+            )
+            return
+        if st.observed_generation is not None and gen != st.observed_generation:
+            step.event(
+                self,
+                "Normal",
+                "SpecUpdated",
+                f"generation {gen}: changes to resources, phases and backoffLimit apply to attempts started "
+                "from now on; running Jobs are left as they are",
+            )
+        if st.observed_generation != gen:
+            st.observed_generation = gen
+            step.changed = True
+
+        was = st.phase
+        for _ in range(len(st.phases) + 2):
+            rec = next((r for r in st.phases if r.state not in DONE_PHASE_STATES), None)
+            if rec is None or rec.state == "Failed":
+                break
+            if rec.state == "Running":
+                if not self._check_running(step, run, rec):
+                    break
+                continue
+            # Pending
+            if not self._start_or_wait(step, run, rec):
+                break
+        self._summarize(step, run, was)
+
+    def _init_plan(self, step: _Step, run: RLPRun, spec_hash: str) -> None:
+        st = step.status
+        now = fmt_time(step.now)
+        st.spec_hash = spec_hash
+        st.started_at = st.started_at or now
+        st.phase = st.phase or "Pending"
+        strategy = run.spec.reward_learning.strategy
+        for round_, phase in run.spec.phase_plan():
+            rec = PhaseRecord(name=phase, round=round_)
+            st.phases.append(rec)
+            if run.spec.phase_enabled(phase):
+                self._transition(step, rec, "Pending", "Planned", "")
+            else:
+                rec.finished_at = now
+                self._transition(
+                    step, rec, "Skipped", "Disabled", f"rewardLearning.strategy={strategy} does not use {phase}"
+                )
+                step.event(self, "Normal", "PhaseSkipped", f"{phase} (round {round_}) skipped: {rec.message}")
+        step.event(
+            self,
+            "Normal",
+            "Accepted",
+            "plan: " + ", ".join(f"{r.name}@{r.round}" for r in st.phases if r.state != "Skipped"),
+        )
+        step.changed = True
+
+    def _transition(self, step: _Step, rec: PhaseRecord, state: str, reason: str, message: str) -> None:
+        changed = rec.state != state
+        rec.state = state  # type: ignore[assignment]
+        rec.reason = reason
+        rec.message = _trim(message) if message else None
+        step.changed = True
+        if changed or state == "Pending" and reason == "Planned":
+            phase = rec.name
+            self_metrics = self.metrics
+            step.after.append(lambda: self_metrics.transition(phase, state))
+
+    def _check_running(self, step: _Step, run: RLPRun, rec: PhaseRecord) -> bool:
+        """Look at the current attempt's Job. True when the record left Running (look again at once)."""
+        ns = run.metadata.namespace
+        job = self.kube.get(JOBS, ns, rec.job) if rec.job else None
+        if job is not None and not _owned_by(job, step.body["metadata"]["uid"]):
+            job = None  # a Job of an earlier run with the same name, on its way out
+        if job is None:
+            if run.spec.suspend:
+                self._interrupt(step, run, rec, "the Job was deleted while suspending")
+                return False
+            manifest, uri = self.stores.verify(run, rec.round, rec.name)
+            if manifest is not None:
+                self._succeed(step, rec, manifest, uri, None, "Succeeded", "the Job is gone; its output verifies")
+                return True
+            return self._attempt_failed(step, run, rec, "JobLost", f"Job {rec.job} disappeared before it finished")
+        outcome, reason, message, finished = job_outcome(job)
+        if outcome == "active":
+            if run.spec.suspend:
+                self._interrupt(step, run, rec, f"Job {rec.job} deleted")
+                return False
+            return False
+        started = parse_time(job["metadata"].get("creationTimestamp"))
+        duration = ((finished or step.now) - started).total_seconds() if started else None
+        if outcome == "succeeded":
+            manifest, uri = self.stores.verify(run, rec.round, rec.name)
+            if manifest is None:
+                return self._attempt_failed(
+                    step,
+                    run,
+                    rec,
+                    "ManifestMissing",
+                    f"Job {rec.job} succeeded but {uri}_MANIFEST.json is missing or does not verify",
+                    duration,
+                )
+            self._succeed(step, rec, manifest, uri, duration, "Succeeded", f"Job {rec.job} completed")
+            return True
+        detail = self._failure_detail(ns, rec.job) or message
+        return self._attempt_failed(step, run, rec, reason or "JobFailed", f"Job {rec.job} failed: {detail}", duration)
+
+    def _failure_detail(self, ns: str, job: str) -> str:
+        """'pod X exited with code N (Reason): message' for the first failed container, if any."""
+        try:
+            pods = self.kube.list(PODS, ns, labels={"batch.kubernetes.io/job-name": job})
+        except KubeError as e:
+            log.debug("cannot list pods of %s: %s", job, e)
+            return ""
+        for pod in pods:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+                if term and term.get("exitCode", 0) != 0:
+                    text = f"pod {pod['metadata']['name']} exited with code {term.get('exitCode')}"
+                    if term.get("reason"):
+                        text += f" ({term['reason']})"
+                    if term.get("message"):
+                        text += f": {term['message']}"
+                    return text
+            if (pod.get("status") or {}).get("phase") == "Failed":
+                reason = pod["status"].get("reason") or "Failed"
+                return f"pod {pod['metadata']['name']} failed ({reason}): {pod['status'].get('message', '')}"
+        return ""
+
+    def _succeed(
+        self,
+        step: _Step,
+        rec: PhaseRecord,
+        manifest: Manifest,
+        uri: str,
+        duration: float | None,
+        reason: str,
+        message: str,
+    ) -> None:
+        rec.finished_at = fmt_time(step.now)
+        rec.started_at = rec.started_at or rec.finished_at
+        rec.output = uri
+        rec.metrics = _small_metrics(manifest.metrics)
+        rec.next_attempt_at = None
+        self._transition(step, rec, "Succeeded", reason, message)
+        if duration is not None:
+            phase = rec.name
+            step.after.append(lambda: self.metrics.phase_duration(phase, "succeeded", duration))
+        step.event(self, "Normal", "PhaseSucceeded", f"{rec.name} (round {rec.round}): {message}; output {uri}")
+
+    def _attempt_failed(
+        self,
+        step: _Step,
+        run: RLPRun,
+        rec: PhaseRecord,
+        reason: str,
+        message: str,
+        duration: float | None = None,
+    ) -> bool:
+        rec.failures += 1
+        limit = max(run.spec.backoff_limit, 1)
+        if duration is not None:
+            phase = rec.name
+            step.after.append(lambda: self.metrics.phase_duration(phase, "failed", duration))
+        if rec.failures >= limit:
+            rec.finished_at = fmt_time(step.now)
+            rec.next_attempt_at = None
+            text = f"{message} (attempt {rec.attempts}; {rec.failures} of backoffLimit {limit} failed attempts)"
+            self._transition(step, rec, "Failed", reason, text)
+            step.event(self, "Warning", "PhaseFailed", f"{rec.name} (round {rec.round}): {text}")
+            return False
+        delay = self.settings.backoff(rec.failures)
+        rec.next_attempt_at = fmt_time(step.now + dt.timedelta(seconds=delay), precise=True)
+        text = f"{message}; retrying in {delay:g}s ({rec.failures} of {limit} failed attempts)"
+        self._transition(step, rec, "Pending", reason, text)
+        step.event(self, "Warning", "AttemptFailed", f"{rec.name} (round {rec.round}) attempt {rec.attempts}: {text}")
+        return True
+
+    def _interrupt(self, step: _Step, run: RLPRun, rec: PhaseRecord, message: str) -> None:
+        """Suspend: put the running phase back to Pending; delete its Job once that is stored."""
+        job = rec.job
+        self._transition(step, rec, "Pending", "Suspended", f"interrupted by suspend: {message}")
+        ns = run.metadata.namespace
+        if job:
+            step.after.append(lambda: self._delete_job(ns, job))
+        step.event(self, "Normal", "PhaseInterrupted", f"{rec.name} (round {rec.round}): suspended; {message}")
+
+    def _delete_job(self, ns: str, job: str) -> None:
+        self.kube.delete(JOBS, ns, job, propagation="Background")
+
+    def _start_or_wait(self, step: _Step, run: RLPRun, rec: PhaseRecord) -> bool:
+        """Pending phase: wait (suspend, backoff), or find it complete, or start its next attempt."""
+        ns = run.metadata.namespace
+        if rec.job:
+            # The previous attempt's Job must be finished before another starts (suspend, crash windows).
+            old = self.kube.get(JOBS, ns, rec.job)
+            if old is not None and _owned_by(old, step.body["metadata"]["uid"]) and job_outcome(old)[0] == "active":
+                if not old["metadata"].get("deletionTimestamp"):
+                    self._delete_job(ns, rec.job)
+                if not run.spec.suspend:
+                    step.wake(self.settings.stale_job_requeue)
+                return False
+        if run.spec.suspend:
+            return False
+        wait_until = parse_time(rec.next_attempt_at)
+        if wait_until and wait_until > step.now:
+            step.wake((wait_until - step.now).total_seconds())
+            return False
+        manifest, uri = self.stores.verify(run, rec.round, rec.name)
+        if manifest is not None:
+            self._succeed(step, rec, manifest, uri, None, "AlreadyComplete", "output already complete in the store")
+            return True
+        return self._create_attempt(step, run, rec)
+
+    def _create_attempt(self, step: _Step, run: RLPRun, rec: PhaseRecord) -> bool:
+        ns, name = run.metadata.namespace, run.metadata.name
+        uid = step.body["metadata"]["uid"]
+        owner = wl.owner_reference(step.body)
+        attempt = rec.attempts + 1
+        job_body, service = wl.render_job(run, rec.round, rec.name, attempt, owner)
+        job = job_body["metadata"]["name"]
+        self._ensure_configmap(run, owner)
+        if service is not None:
+            try:
+                self.kube.create(SERVICES, ns, service)
+            except KubeError as e:
+                if not e.conflict:
+                    raise
+        adopted = False
+        try:
+            self.kube.create(JOBS, ns, job_body)
+        except KubeError as e:
+            if not e.conflict:
+                raise
+            existing = self.kube.get(JOBS, ns, job)
+            if existing is None or not _owned_by(existing, uid):
+                step.wake(self.settings.stale_job_requeue)  # an old run's Job of that name is being deleted
+                return False
+            adopted = True
+        retry = rec.failures > 0
+        rec.attempts = attempt
+        rec.job = job
+        rec.attempt_started_at = fmt_time(step.now)
+        rec.started_at = rec.started_at or rec.attempt_started_at
+        rec.next_attempt_at = None
+        verb = "adopted existing" if adopted else "created"
+        self._transition(step, rec, "Running", "JobCreated", f"attempt {attempt}: {verb} Job {job}")
+        phase, round_ = rec.name, rec.round
+        if retry:
+            step.after.append(lambda: self.metrics.retry(phase))
+        step.event(
+            self,
+            "Normal",
+            "PhaseStarted" if attempt == 1 else "PhaseRetried",
+            f"{phase} (round {round_}) attempt {attempt}: {verb} Job {job}",
+        )
+        return False
+
+    def _ensure_configmap(self, run: RLPRun, owner: dict[str, Any]) -> None:
+        cm = wl.render_configmap(run, owner)
+        ns, cm_name = run.metadata.namespace, cm["metadata"]["name"]
+        try:
+            self.kube.create(CONFIGMAPS, ns, cm)
+            return
+        except KubeError as e:
+            if not e.conflict:
+                raise
+        existing = self.kube.get(CONFIGMAPS, ns, cm_name)
+        if existing is not None and existing.get("data") != cm["data"]:
+            cm["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            self.kube.replace(CONFIGMAPS, ns, cm_name, cm)
+
+    # ---- run-level state --------------------------------------------------------------------------
+    def _summarize(self, step: _Step, run: RLPRun, was: str | None) -> None:
+        st = step.status
+        now = fmt_time(step.now)
+        gen = step.body["metadata"].get("generation")
+        failed = next((r for r in st.phases if r.state == "Failed"), None)
+        current = next((r for r in st.phases if r.state not in DONE_PHASE_STATES), None)
+        if failed is not None:
+            self._fail_run(step, failed.reason or "PhaseFailed", f"{failed.name} (round {failed.round}): {failed.message}")
+            return
+        if current is None:
+            st.phase = "Succeeded"
+            st.current_phase = None
+            st.finished_at = st.finished_at or now
+            done = sum(r.state == "Succeeded" for r in st.phases)
+            skipped = sum(r.state == "Skipped" for r in st.phases)
+            st.message = f"all {done} phases succeeded" + (f" ({skipped} skipped)" if skipped else "")
+            self._conditions(step, ready=("True", "Succeeded"), running=("False", "Succeeded"),
+                             succeeded=("True", "Succeeded"), failed=("False", "Succeeded"))  # fmt: skip
+            if was != "Succeeded":
+                step.event(self, "Normal", "Succeeded", f"run succeeded: {st.message}")
+                self._after_finished(step, run)
+            step.changed = True
+            return
+        st.current_phase = current.name
+        st.round = current.round
+        if run.spec.suspend:
+            st.phase = "Suspended"
+            st.message = f"suspended before {current.name} (round {current.round})"
+            self._conditions(step, ready=("False", "Suspended"), running=("False", "Suspended"),
+                             succeeded=("False", "Suspended"), failed=("False", "Suspended"),
+                             suspended=("True", "Suspended"))  # fmt: skip
+            if was != "Suspended":
+                step.event(self, "Normal", "Suspended", f"run suspended at {current.name} (round {current.round})")
+            step.changed = True
+            return
+        if current.state == "Running":
+            st.phase = "Running"
+            st.message = f"{current.name} (round {current.round}) attempt {current.attempts}: Job {current.job}"
+        elif current.next_attempt_at:
+            st.phase = "Running"
+            st.message = f"{current.name} (round {current.round}): {current.message}"
+        else:
+            st.phase = st.phase if st.phase in ("Running",) else "Pending"
+            st.message = f"{current.name} (round {current.round}) pending"
+        if was == "Suspended":
+            step.event(self, "Normal", "Resumed", f"run resumed at {current.name} (round {current.round})")
+        elif was in (None, "Pending") and st.phase == "Running":
+            step.event(self, "Normal", "Started", f"run started: {current.name} (round {current.round})")
+        reason = "PhaseRunning" if current.state == "Running" else ("BackingOff" if current.next_attempt_at else "Pending")
+        self._conditions(step, ready=("Unknown", "Progressing"), running=("True", reason),
+                         succeeded=("False", "Running"), failed=("False", "Running"),
+                         suspended=("False", "Resumed" if was == "Suspended" else "NotSuspended"))  # fmt: skip
+        step.changed = step.changed or st.phase != was
+        _ = gen
+
+    def _conditions(self, step: _Step, **conds: tuple[str, str]) -> None:
+        st = step.status
+        now = fmt_time(step.now)
+        gen = step.body["metadata"].get("generation")
+        for key, (status, reason) in conds.items():
+            type_ = key.capitalize()
+            message = st.message or ""
+            if st.set_condition(type_, status, reason, message, now, gen):
+                step.changed = True
+
+    def _fail_run(self, step: _Step, reason: str, message: str) -> None:
+        st = step.status
+        was = st.phase
+        st.phase = "Failed"
+        st.finished_at = st.finished_at or fmt_time(step.now)
+        st.message = _trim(message)
+        failed = next((r for r in st.phases if r.state == "Failed"), None)
+        if failed:
+            st.current_phase, st.round = failed.name, failed.round
+        self._conditions(step, ready=("False", reason), running=("False", reason),
+                         succeeded=("False", reason), failed=("True", reason))  # fmt: skip
+        sus = st.condition("Suspended")
+        if sus is not None and sus.status == "True":
+            st.set_condition("Suspended", "False", reason, st.message, fmt_time(step.now), sus.observed_generation)
+        step.changed = True
+        if was != "Failed":
+            step.event(self, "Warning", "Failed", f"run failed ({reason}): {st.message}")
+
+    def _after_finished(self, step: _Step, run: RLPRun) -> None:
+        ttl = run.spec.ttl_seconds_after_finished
+        finished = parse_time(step.status.finished_at)
+        if ttl is None or finished is None:
+            return
+        expires = finished + dt.timedelta(seconds=ttl)
+        if step.now >= expires:
+            ns, name = run.metadata.namespace, run.metadata.name
+            uid = step.body["metadata"]["uid"]
+            step.after.append(lambda: self._delete_run(ns, name, uid))
+            step.event(self, "Normal", "Expired", f"ttlSecondsAfterFinished={ttl} passed; deleting the run")
+        else:
+            step.wake((expires - step.now).total_seconds())
+
+    def _delete_run(self, ns: str, name: str, uid: str) -> None:
+        self.kube.request(
+            "DELETE",
+            f"{RUNS.format(ns=ns)}/{name}",
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
+                  "preconditions": {"uid": uid}},  # fmt: skip
+        )
+
+    # ---- writes -----------------------------------------------------------------------------------
+    def _commit(self, step: _Step, run: RLPRun | None) -> float | None:
+        meta = step.body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if step.changed:
+            patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": step.status.dump()}
+            try:
+                updated = self.kube.merge_patch(RUNS, ns, name, patch, sub="/status")
+            except KubeError as e:
+                if e.conflict:  # someone else wrote the run since we read it: start over
+                    return 0.05
+                raise
+            self.own_writes[(ns, name)] = updated["metadata"]["resourceVersion"]
+        for effect in step.after:
+            effect()
+        self.metrics.observe_run(ns, name, step.status)
+        return step.requeue
+
+    def _add_finalizer(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        finalizers = list(meta.get("finalizers") or []) + [wl.FINALIZER]
+        return self.kube.merge_patch(
+            RUNS,
+            meta["namespace"],
+            meta["name"],
+            {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}},
+        )
+
+    def _finalize(self, body: dict[str, Any]) -> float | None:
+        meta = body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        finalizers = meta.get("finalizers") or []
+        if wl.FINALIZER not in finalizers:
+            return None
+        labels = {wl.LABEL_RUN: name}
+        removed = 0
+        for collection in (JOBS, SERVICES, CONFIGMAPS):
+            for obj in self.kube.list(collection, ns, labels=labels):
+                if _owned_by(obj, meta["uid"]) and self.kube.delete(
+                    collection, ns, obj["metadata"]["name"], propagation="Background"
+                ):
+                    removed += 1
+        message = f"deleted {removed} workload object(s)"
+        annotations = meta.get("annotations") or {}
+        if annotations.get(wl.ANNOTATION_DELETE_CHECKPOINTS, "").lower() == "true":
+            try:
+                run = parse_run({"metadata": {"name": name, "namespace": ns}, "spec": body.get("spec") or {}})
+                count = self.stores.delete_run_outputs(run)
+                message += f"; deleted {count} stored file(s) under the run's prefix ({wl.ANNOTATION_DELETE_CHECKPOINTS})"
+            except Exception as e:
+                self.events.post(body, "Warning", "CheckpointsNotDeleted", f"could not delete stored outputs: {e}")
+        else:
+            message += "; checkpoints kept in storage"
+        self.events.post(body, "Normal", "CleanedUp", message)
+        log.info(message, extra={"namespace": ns, "run": name, "event": "CleanedUp"})
+        index = finalizers.index(wl.FINALIZER)
+        try:
+            self.kube.json_patch(
+                RUNS,
+                ns,
+                name,
+                [
+                    {"op": "test", "path": f"/metadata/finalizers/{index}", "value": wl.FINALIZER},
+                    {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+                ],
+            )
+        except KubeError as e:
+            if e.not_found:
+                return None
+            if e.status in (409, 422):  # the list changed under us: read again
+                return 0.05
+            raise
+        self.metrics.forget_run(ns, name)
+        return None
+
+
+def _small_metrics(metrics: dict[str, Any], limit: int = 8192) -> dict[str, Any] | None:
+    """The manifest's metrics for status, kept small (status lives in etcd with the object)."""
+    if not metrics:
+        return None
+    if len(json.dumps(metrics)) <= limit:
+        return metrics
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    return dict(list(scalars.items())[:100]) or None
