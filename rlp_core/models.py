@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import logging as transformers_logging
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -30,6 +31,9 @@ from transformers import (
 )
 
 from rlp_core.spec import TinyModel
+
+# Loading an RM from a policy checkpoint (fresh head) is intended; transformers' per-load report is noise here.
+transformers_logging.set_verbosity_error()
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 

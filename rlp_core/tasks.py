@@ -24,7 +24,7 @@ _ANSWER = re.compile(r"^\s*(-?\d+)")
 class ArithTask:
     """Addition of two numbers in [0, max_operand]; split seeds keep splits disjoint-ish and stable."""
 
-    max_operand: int = 19
+    max_operand: int = 9
     demo_error_rate: float = 0.3
     annotator_flip_rate: float = 0.2
 

@@ -1,0 +1,87 @@
+"""The `rlp` command: run a whole RLPRun locally, run one phase (job pods), print the CRD, run the operator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rlp_core.data import DataError
+from rlp_core.spec import SpecError, load_run
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rlp_core.pipeline import PhaseError
+    from rlp_core.runner import run_local
+
+    run = load_run(args.spec)
+    try:
+        report = run_local(run, store_uri=args.store, cache_dir=Path(args.cache_dir))
+    except (PhaseError, DataError) as err:
+        print(f"rlp run: {err}", file=sys.stderr)
+        return 2
+    return 0 if report.evaluation is not None else 1
+
+
+def _cmd_phase(args: argparse.Namespace) -> int:
+    from rlp_jobs.phase import run_phase
+
+    return run_phase(args.name, Path(args.spec), args.round, store_uri=args.store, cache_dir=Path(args.cache_dir),
+                     metrics_port=args.metrics_port)
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from rlp_operator.crd import render_crd
+
+    sys.stdout.write(render_crd())
+    return 0
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from rlp_operator.main import main as operator_main
+
+    return operator_main(args.operator_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cache = os.environ.get("RLP_CACHE_DIR", ".rlp-cache")
+
+    run = sub.add_parser("run", help="run every phase of an RLPRun in this process (local store)")
+    run.add_argument("spec", help="RLPRun YAML, e.g. examples/quickstart.yaml")
+    run.add_argument("--store", help="storage URI overriding spec.storage.uri (file://dir or s3://bucket/prefix)")
+    run.add_argument("--cache-dir", default=cache, help="local cache of fetched phase outputs and reports")
+    run.set_defaults(func=_cmd_run)
+
+    phase = sub.add_parser("phase", help="run one phase of one round (what a job pod runs)")
+    phase.add_argument("name", choices=["sft", "reward", "generate", "refine", "synthesize", "optimize", "evaluate"])
+    phase.add_argument("--spec", required=True, help="the RLPRun as YAML or JSON")
+    phase.add_argument("--round", type=int, required=True)
+    phase.add_argument("--store", help="storage URI overriding spec.storage.uri")
+    phase.add_argument("--cache-dir", default=cache)
+    phase.add_argument("--metrics-port", type=int, default=int(os.environ.get("RLP_METRICS_PORT", "0")),
+                       help="serve /metrics on this port while the phase runs (0: off)")
+    phase.set_defaults(func=_cmd_phase)
+
+    crd = sub.add_parser("crd", help="print the RLPRun CustomResourceDefinition generated from the spec model")
+    crd.set_defaults(func=_cmd_crd)
+
+    op = sub.add_parser("operator", help="run the operator against the current kubeconfig", add_help=False)
+    op.add_argument("operator_args", nargs=argparse.REMAINDER)
+    op.set_defaults(func=_cmd_operator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`rlp phase NAME --spec FILE --round K`: what one phase pod runs.
+
+The pod downloads its inputs from the store, runs the phase from rlp_core, uploads its outputs and
+writes the manifest last (`execute_phase`), serving `/metrics` meanwhile. It is idempotent (a phase
+whose manifest verifies exits 0 at once) and resumable (optimize restarts from its checkpoint).
+
+Multi-process phases: only `optimize` spans several processes. In an indexed Job the operator sets
+NNODES, NODE_RANK (the completion index), GPUS_PER_NODE, MASTER_ADDR and MASTER_PORT; this entrypoint
+then re-executes itself under `torch.distributed.run` with those values (one process per GPU), and
+DeepSpeed joins the process group from the environment torchrun sets. Every other phase runs on node 0
+only; the other indexed pods of such a phase exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rlp_core.data import DataError
+from rlp_core.pipeline import PhaseError, execute_phase
+from rlp_core.spec import SpecError, load_run
+from rlp_core.store import Store, StoreError
+from rlp_core.telemetry import PhaseTelemetry
+
+log = logging.getLogger("rlp.phase")
+
+
+def torchrun_argv(argv: list[str], env: dict[str, str]) -> list[str] | None:
+    """The torchrun command to re-execute under, or None when this process should run the phase itself."""
+    if "LOCAL_RANK" in env:
+        return None
+    nnodes, nproc = int(env.get("NNODES", "1")), int(env.get("GPUS_PER_NODE", "1"))
+    if nnodes * nproc <= 1:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+            f"--node-rank={env.get('NODE_RANK', env.get('JOB_COMPLETION_INDEX', '0'))}",
+            f"--master-addr={env.get('MASTER_ADDR', '127.0.0.1')}", f"--master-port={env.get('MASTER_PORT', '29500')}",
+            "-m", "rlp_jobs", *argv]
+
+
+def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, cache_dir: Path,
+              metrics_port: int = 0) -> int:
+    logging.basicConfig(level=os.environ.get("RLP_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        run = load_run(spec_path)
+    except SpecError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    if name == "optimize":
+        cmd = torchrun_argv(sys.argv[1:], dict(os.environ))
+        if cmd is not None:
+            os.execv(cmd[0], cmd)
+    elif int(os.environ.get("NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", "0"))) != 0:
+        log.info("phase %s runs on node 0 only; node %s has nothing to do", name, os.environ.get("NODE_RANK"))
+        return 0
+    storage = run.spec.storage
+    telemetry = PhaseTelemetry(run.metadata.name, round, name)
+    if metrics_port and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        telemetry.serve(metrics_port)
+    try:
+        root = Store.from_uri(store_uri or storage.uri, endpoint=storage.endpoint or os.environ.get("RLP_S3_ENDPOINT"),
+                              region=storage.region)
+        result = execute_phase(run, root, round, name, cache_dir=cache_dir, telemetry=telemetry)
+    except (PhaseError, DataError, StoreError) as err:
+        print(f"rlp phase {name} (round {round}) failed: {err}", file=sys.stderr)
+        return 1
+    log.info("phase %s round %d: %s", name, round, result.state)
+    return 0

@@ -1,0 +1,128 @@
+"""`rlp run`: every phase of a run in this process, in order, on one store.
+
+Phases whose manifest verifies are skipped, so rerunning a finished run does nothing and a run killed
+midway resumes (the killed phase itself resumes from its own checkpoints). The run ends with a short
+report: per-phase time, the optimisation curves as a PNG, and the win-rate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from rlp_core.manifest import phase_prefix
+from rlp_core.pipeline import HISTORY_FILE, PhaseResult, execute_phase, validate_inputs
+from rlp_core.spec import RLPRun
+from rlp_core.store import Store
+
+
+@dataclass
+class RunReport:
+    results: list[PhaseResult]
+    curves_png: Path | None
+    report_json: Path
+
+    @property
+    def evaluation(self) -> dict | None:
+        for r in self.results:
+            if r.phase == "evaluate" and r.manifest is not None:
+                return r.manifest.metrics
+        return None
+
+
+def _seconds(manifest) -> float | None:
+    if manifest is None or not manifest.started_at:
+        return None
+    return (datetime.fromisoformat(manifest.created_at) - datetime.fromisoformat(manifest.started_at)).total_seconds()
+
+
+def run_local(run: RLPRun, *, store_uri: str | None = None, cache_dir: Path | None = None,
+              report_dir: Path | None = None, console: Console | None = None) -> RunReport:
+    console = console or Console(stderr=True)
+    spec = run.spec
+    root = Store.from_uri(store_uri or spec.storage.uri, endpoint=spec.storage.endpoint, region=spec.storage.region)
+    cache_dir = cache_dir or Path(".rlp-cache")
+    plan = spec.phase_plan()
+    validate_inputs(run, lambda uri: Store.from_uri(uri.rpartition("/")[0], endpoint=spec.storage.endpoint)
+                    .get_bytes(uri.rpartition("/")[2]))
+    console.print(f"[bold]rlp run[/] {run.metadata.namespace}/{run.metadata.name}: {len(plan)} phases, store {root.uri}")
+    results = []
+    for i, (round, phase) in enumerate(plan, start=1):
+        label = f"[{i}/{len(plan)}] round {round} {phase}"
+        console.print(f"{label} …")
+        result = execute_phase(run, root, round, phase, cache_dir=cache_dir)
+        results.append(result)
+        took = _seconds(result.manifest)
+        console.print(f"{label}: [green]{result.state}[/]" + (f" in {took:.1f}s" if took is not None else ""))
+    report_dir = Path(report_dir or cache_dir / "reports" / run.metadata.namespace / run.metadata.name)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    curves = _plot_curves(run, root, results, cache_dir, report_dir / "curves.png")
+    report_json = report_dir / "report.json"
+    report = RunReport(results, curves, report_json)
+    report_json.write_text(json.dumps({
+        "run": f"{run.metadata.namespace}/{run.metadata.name}",
+        "phases": [{"round": r.round, "phase": r.phase, "state": r.state, "seconds": _seconds(r.manifest),
+                    "metrics": r.manifest.metrics if r.manifest else None} for r in results],
+        "evaluation": report.evaluation,
+    }, indent=2))
+    _print_summary(console, report)
+    return report
+
+
+def _plot_curves(run: RLPRun, root: Store, results: list[PhaseResult], cache_dir: Path, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = []
+    for r in results:
+        if r.phase == "optimize" and r.manifest is not None and any(f.path == HISTORY_FILE for f in r.manifest.files):
+            store = root.child(phase_prefix(run.metadata.namespace, run.metadata.name, r.round, r.phase))
+            rows = [json.loads(line) for line in store.get_bytes(HISTORY_FILE).decode().splitlines() if line]
+            histories.append((r.round, rows))
+    if not histories:
+        return None
+    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.5))
+    offset = 0
+    for round, rows in histories:
+        steps = [offset + h["step"] for h in rows]
+        ax_r.plot(steps, [h["reward_mean"] for h in rows], label=f"round {round}")
+        ax_kl.plot(steps, [h["kl"] for h in rows], label=f"round {round}")
+        offset = steps[-1]
+    ax_r.set(title="reward-model score (mean)", xlabel="optimisation step")
+    ax_kl.set(title="KL to the reference policy", xlabel="optimisation step")
+    for ax in (ax_r, ax_kl):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{run.metadata.name}: {run.spec.optimization.algorithm.upper()}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _print_summary(console: Console, report: RunReport) -> None:
+    table = Table(title="phases")
+    for col in ("round", "phase", "state", "seconds", "key metrics"):
+        table.add_column(col)
+    keys = ("final_sft_loss", "rm_accuracy_held_out", "samples", "gold_score_mean", "synthetic_pairs",
+            "reward_mean_last", "kl_last", "win_rate")
+    for r in report.results:
+        m = r.manifest.metrics if r.manifest else {}
+        shown = ", ".join(f"{k}={m[k]:.3g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
+        secs = _seconds(r.manifest)
+        table.add_row(str(r.round), r.phase, r.state, f"{secs:.1f}" if secs is not None else "", shown)
+    console.print(table)
+    ev = report.evaluation
+    if ev:
+        console.print(f"win-rate vs the starting policy: [bold]{ev['win_rate']:.3f}[/] "
+                      f"({ev['confidence']:.0%} CI {ev['ci_low']:.3f}–{ev['ci_high']:.3f}, n={ev['n']}, judge {ev['judge']})")
+    if report.curves_png:
+        console.print(f"curves: {report.curves_png}")
+    console.print(f"report: {report.report_json}")
