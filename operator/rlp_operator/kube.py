@@ -127,14 +127,15 @@ class Kube:
     def replace(self, collection: str, ns: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("PUT", f"{collection.format(ns=ns)}/{quote(name)}", body=body)
 
-    def delete(self, collection: str, ns: str, name: str, *, propagation: str = "Background") -> bool:
-        """Delete; False when it was already gone."""
+    def delete(
+        self, collection: str, ns: str, name: str, *, propagation: str = "Background", uid: str | None = None
+    ) -> bool:
+        """Delete (only the object with this `uid` when given); False when it was already gone."""
+        options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if uid:
+            options["preconditions"] = {"uid": uid}
         try:
-            self.request(
-                "DELETE",
-                f"{collection.format(ns=ns)}/{quote(name)}",
-                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
-            )
+            self.request("DELETE", f"{collection.format(ns=ns)}/{quote(name)}", body=options)
             return True
         except KubeError as e:
             if e.not_found:

@@ -522,7 +522,12 @@ class Reconciler:
         uid = step.body["metadata"]["uid"]
         owner = wl.owner_reference(step.body)
         attempt = rec.attempts + 1
-        job_body, service = wl.render_job(run, rec.round, rec.name, attempt, owner)
+        try:
+            annotations = wl.pod_annotations(step.body)
+        except ValueError as e:
+            self._transition(step, rec, "Failed", "InvalidPodAnnotations", str(e))
+            return False
+        job_body, service = wl.render_job(run, rec.round, rec.name, attempt, owner, annotations)
         job = job_body["metadata"]["name"]
         self._ensure_configmap(run, owner)
         if service is not None:
@@ -674,12 +679,11 @@ class Reconciler:
             step.wake((expires - step.now).total_seconds())
 
     def _delete_run(self, ns: str, name: str, uid: str) -> None:
-        self.kube.request(
-            "DELETE",
-            f"{RUNS.format(ns=ns)}/{name}",
-            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
-                  "preconditions": {"uid": uid}},  # fmt: skip
-        )
+        try:
+            self.kube.delete(RUNS, ns, name, uid=uid)
+        except KubeError as e:
+            if e.status != 409:  # 409: a new run of that name, not ours to delete
+                raise
 
     # ---- writes -----------------------------------------------------------------------------------
     def _commit(self, step: _Step, run: RLPRun | None) -> float | None:

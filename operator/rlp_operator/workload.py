@@ -22,6 +22,8 @@ MANAGED_BY = "rlp-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 FINALIZER = "rlp.dev/cleanup"
 ANNOTATION_DELETE_CHECKPOINTS = "rlp.dev/delete-checkpoints"
+# A JSON object of annotations put on every phase pod (e.g. sidecar opt-outs, autoscaler hints).
+ANNOTATION_POD_ANNOTATIONS = "rlp.dev/pod-annotations"
 
 SPEC_MOUNT = "/etc/rlp"
 SPEC_FILE = "spec.json"
@@ -127,8 +129,27 @@ def render_service(run: RLPRun, job: str, owner: dict[str, Any], labels: dict[st
     }
 
 
+def pod_annotations(run_body: dict[str, Any]) -> dict[str, str]:
+    """The run's `rlp.dev/pod-annotations` (a JSON object of strings); ValueError when malformed."""
+    raw = (run_body.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_POD_ANNOTATIONS)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"annotation {ANNOTATION_POD_ANNOTATIONS} is not valid JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"annotation {ANNOTATION_POD_ANNOTATIONS} must be a JSON object of string values")
+    return value
+
+
 def render_job(
-    run: RLPRun, round_: int, phase: str, attempt: int, owner: dict[str, Any]
+    run: RLPRun,
+    round_: int,
+    phase: str,
+    attempt: int,
+    owner: dict[str, Any],
+    annotations: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The Job of one phase attempt, and its headless Service when the phase spans several pods."""
     spec = run.spec
@@ -252,7 +273,10 @@ def render_job(
         "completions": nodes,
         "parallelism": nodes,
         "completionMode": "Indexed",
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {
+            "metadata": {"labels": labels, **({"annotations": dict(annotations)} if annotations else {})},
+            "spec": pod_spec,
+        },
     }
     if r["active_deadline_seconds"]:
         job_spec["activeDeadlineSeconds"] = r["active_deadline_seconds"]

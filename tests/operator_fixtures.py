@@ -1,0 +1,299 @@
+"""Helpers for the operator's tests.
+
+* `FakeKube`: an in-memory stand-in for `rlp_operator.kube.Kube` with the apiserver semantics the
+  reconciler relies on (409 on create of an existing name, resourceVersion preconditions, the status
+  subresource, generation bumps on spec changes, finalizers holding a deletion). Unit tests only.
+* `OperatorProcess`: the operator as a real subprocess (`python -m rlp_operator`) against the test
+  control plane, so it can be SIGKILLed and restarted; plus small helpers for cluster tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rlp_operator.kube import KubeError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FakeKube:
+    """Objects by (collection template, namespace, name); collections are the kube.py path templates."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._rv = itertools.count(1)
+        self.calls: list[tuple[str, str, str]] = []
+        self.creates: dict[str, int] = {}
+        self.fail_next: dict[tuple[str, str], Exception] = {}  # (verb, collection) -> exception, once
+
+    # -- helpers for tests
+    def _maybe_fail(self, verb: str, collection: str) -> None:
+        exc = self.fail_next.pop((verb, collection), None)
+        if exc is not None:
+            raise exc
+
+    def _stamp(self, obj: dict[str, Any]) -> None:
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+
+    def put(self, collection: str, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create without the create() bookkeeping (test setup)."""
+        return self.create(collection, ns, body, _count=False)
+
+    def all(self, collection: str, ns: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(o) for (c, n, _), o in sorted(self.objects.items()) if c == collection and n == ns]
+
+    # -- Kube interface
+    def get(self, collection: str, ns: str, name: str, sub: str = "") -> dict[str, Any] | None:
+        self.calls.append(("get", collection, name))
+        self._maybe_fail("get", collection)
+        obj = self.objects.get((collection, ns, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def create(self, collection: str, ns: str, body: dict[str, Any], _count: bool = True) -> dict[str, Any]:
+        self.calls.append(("create", collection, body["metadata"].get("name", "")))
+        self._maybe_fail("create", collection)
+        body = copy.deepcopy(body)
+        meta = body["metadata"]
+        if not meta.get("name"):
+            meta["name"] = meta.get("generateName", "x-") + uuid.uuid4().hex[:5]
+        key = (collection, ns, meta["name"])
+        if key in self.objects:
+            raise KubeError(409, "AlreadyExists", f"{meta['name']} already exists")
+        meta.setdefault("namespace", ns)
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        meta.setdefault("generation", 1)
+        self._stamp(body)
+        self.objects[key] = body
+        if _count:
+            self.creates[meta["name"]] = self.creates.get(meta["name"], 0) + 1
+        return copy.deepcopy(body)
+
+    def _check_rv(self, obj: dict[str, Any], rv: str | None) -> None:
+        if rv is not None and rv != obj["metadata"]["resourceVersion"]:
+            raise KubeError(409, "Conflict", "the object has been modified")
+
+    def merge_patch(self, collection: str, ns: str, name: str, patch: dict[str, Any], sub: str = "") -> dict[str, Any]:
+        self.calls.append(("patch" + sub, collection, name))
+        self._maybe_fail("patch" + sub, collection)
+        obj = self.objects.get((collection, ns, name))
+        if obj is None:
+            raise KubeError(404, "NotFound", name)
+        patch = copy.deepcopy(patch)
+        self._check_rv(obj, patch.get("metadata", {}).pop("resourceVersion", None))
+        if sub == "/status":
+            obj["status"] = _merge(obj.get("status") or {}, patch.get("status") or {})
+        else:
+            old_spec = copy.deepcopy(obj.get("spec"))
+            patch.pop("status", None)
+            merged = _merge(obj, patch)
+            obj.clear()
+            obj.update(merged)
+            if obj.get("spec") != old_spec:
+                obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+        self._stamp(obj)
+        self._gc(collection, ns, name)
+        return copy.deepcopy(obj)
+
+    def json_patch(self, collection: str, ns: str, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        self.calls.append(("jsonpatch", collection, name))
+        obj = self.objects.get((collection, ns, name))
+        if obj is None:
+            raise KubeError(404, "NotFound", name)
+        for op in ops:
+            parts = op["path"].strip("/").split("/")
+            target = obj
+            for p in parts[:-1]:
+                target = target[int(p)] if isinstance(target, list) else target[p]
+            last = parts[-1]
+            idx = int(last) if isinstance(target, list) else last
+            if op["op"] == "test":
+                if target[idx] != op["value"]:
+                    raise KubeError(422, "Invalid", "test failed")
+            elif op["op"] == "remove":
+                del target[idx]
+        self._stamp(obj)
+        self._gc(collection, ns, name)
+        return copy.deepcopy(obj)
+
+    def replace(self, collection: str, ns: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("replace", collection, name))
+        obj = self.objects.get((collection, ns, name))
+        if obj is None:
+            raise KubeError(404, "NotFound", name)
+        self._check_rv(obj, body["metadata"].get("resourceVersion"))
+        body = copy.deepcopy(body)
+        for k in ("uid", "creationTimestamp"):
+            body["metadata"][k] = obj["metadata"][k]
+        self.objects[(collection, ns, name)] = body
+        self._stamp(body)
+        return copy.deepcopy(body)
+
+    def delete(self, collection: str, ns: str, name: str, *, propagation: str = "Background", uid: str | None = None) -> bool:
+        self.calls.append(("delete", collection, name))
+        obj = self.objects.get((collection, ns, name))
+        if obj is None:
+            return False
+        if uid and obj["metadata"]["uid"] != uid:
+            raise KubeError(409, "Conflict", "uid precondition failed")
+        if obj["metadata"].get("finalizers"):
+            obj["metadata"].setdefault("deletionTimestamp", _now())
+            self._stamp(obj)
+            return True
+        del self.objects[(collection, ns, name)]
+        return True
+
+    def _gc(self, collection: str, ns: str, name: str) -> None:
+        obj = self.objects.get((collection, ns, name))
+        if obj and obj["metadata"].get("deletionTimestamp") and not obj["metadata"].get("finalizers"):
+            del self.objects[(collection, ns, name)]
+
+    def list(self, collection: str, ns: str, *, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        self.calls.append(("list", collection, ""))
+        out = []
+        for obj in self.all(collection, ns):
+            have = obj["metadata"].get("labels") or {}
+            if all(have.get(k) == v for k, v in (labels or {}).items()):
+                out.append(obj)
+        return out
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(base) if isinstance(base, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The operator as a subprocess
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    """`python -m rlp_operator` against a kubeconfig; kill() is SIGKILL, stop() is SIGTERM."""
+
+    def __init__(self, kubeconfig: str | Path, *, namespaces: list[str] | None = None, log_path: Path,
+                 backoff_base: float = 0.5, extra_env: dict[str, str] | None = None, workers: int = 8):  # fmt: skip
+        self.kubeconfig = str(kubeconfig)
+        self.namespaces = namespaces or []
+        self.log_path = Path(log_path)
+        self.backoff_base = backoff_base
+        self.extra_env = extra_env or {}
+        self.workers = workers
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, wait_ready: bool = True) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, **self.extra_env}
+        env.pop("AWS_ACCESS_KEY_ID", None)
+        env.pop("AWS_SECRET_ACCESS_KEY", None)
+        args = [sys.executable, "-m", "rlp_operator", "--standalone", "--metrics-port", str(self.metrics_port),
+                "--health-port", "0", "--bind", "127.0.0.1", "--backoff-base", str(self.backoff_base),
+                "--backoff-max", "5", "--workers", str(self.workers)]  # fmt: skip
+        for ns in self.namespaces:
+            args += ["--namespace", ns]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== start #{self.starts + 1} {time.strftime('%H:%M:%S')} =====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        log.close()
+        self.starts += 1
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}{path}"
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"operator exited with {self.proc.returncode}; log:\n{self.tail()}")
+            try:
+                if self.get("/readyz", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"operator not ready after {timeout}s; log:\n{self.tail()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else None
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Scrape /metrics over HTTP: {(name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, text = self.get("/metrics")
+        assert status == 200, text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+        return records
