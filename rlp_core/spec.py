@@ -109,12 +109,15 @@ class Generation(SpecModel):
 
 
 class UML(SpecModel):
-    """RLP-UML: multi-view information bottleneck on policy samples (see rlp_core.uml)."""
+    """RLP-UML: multi-view information bottleneck on policy samples (see rlp_core.uml).
+
+    The stochastic representation's mean is the RM's own last-token hidden state (what the reward head
+    reads), so its size is the model's width: there is no separate latent size to set.
+    """
 
     alpha: float = Field(0.1, ge=0, description="Weight of the MIB term against the pairwise loss.")
     beta: float = Field(1e-3, ge=0, description="Final weight of the symmetric-KL term.")
     beta_start: float = Field(1e-4, ge=0, description="Initial weight of the symmetric-KL term (annealed).")
-    latent_dim: int = Field(32, ge=1, le=4096)
     training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
 
 
@@ -142,6 +145,9 @@ class SER(SpecModel):
     low_confidence: float = Field(0.7, gt=0.5, lt=1, description="Lower edge of the middle band used once easy pairs run out.")
     max_iterations: int = Field(3, ge=1, le=100)
     min_new_pairs: int = Field(8, ge=0, description="Stop when an iteration selects fewer new pairs than this.")
+    max_pairs_per_prompt: int = Field(
+        8, ge=1, le=1024, description="Unlabeled pairs drawn from the different responses to one prompt."
+    )
     training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
 
     @model_validator(mode="after")
