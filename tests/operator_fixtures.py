@@ -297,3 +297,70 @@ class OperatorProcess:
                 except ValueError:
                     pass
         return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Cluster helpers (used with the control_plane / kube_api fixtures of tests/infra)
+
+RUNS_PATH = "/apis/rlp.dev/v1alpha1/namespaces/{ns}/rlpruns"
+
+
+def install_crd(api_client, timeout: float = 30.0) -> None:
+    """Create or update the RLPRun CRD from `render_crd()` and wait until it is Established and served."""
+    import yaml
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from rlp_operator.crd import CRD_NAME, render_crd
+
+    body = yaml.safe_load(render_crd())
+    ext = client.ApiextensionsV1Api(api_client)
+    try:
+        current = ext.read_custom_resource_definition(CRD_NAME)
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        ext.replace_custom_resource_definition(CRD_NAME, body)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        ext.create_custom_resource_definition(body)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        crd = ext.read_custom_resource_definition(CRD_NAME)
+        conds = {c.type: c.status for c in (crd.status.conditions or [])}
+        if conds.get("Established") == "True":
+            # the new schema is served once discovery and the handler caught up; probe a list
+            try:
+                client.CustomObjectsApi(api_client).list_cluster_custom_object("rlp.dev", "v1alpha1", "rlpruns")
+                return
+            except ApiException:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"CRD {CRD_NAME} not established after {timeout}s")
+
+
+def raw(api_client, method: str, path: str, body: Any = None, *, query: str = "",
+        content_type: str = "application/json", accept: str = "application/json") -> tuple[int, Any]:  # fmt: skip
+    """One raw API call with the test's admin client: (status, parsed JSON body)."""
+    headers = {"Accept": accept}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    _, url, headers, _, _ = api_client.param_serialize(method=method, resource_path=path, header_params=headers,
+                                                       auth_settings=["BearerToken"])  # fmt: skip
+    if query:
+        url += "?" + query
+    resp = api_client.call_api(method, url, header_params=headers, body=body)
+    data = resp.read()
+    text = data.decode() if isinstance(data, bytes) else data
+    try:
+        return resp.status, json.loads(text) if text else None
+    except ValueError:
+        return resp.status, text
+
+
+def rlprun(name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "rlp.dev/v1alpha1",
+        "kind": "RLPRun",
+        "metadata": {"name": name, **({"annotations": annotations} if annotations else {})},
+        "spec": spec,
+    }

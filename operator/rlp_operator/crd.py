@@ -53,25 +53,27 @@ IMMUTABLE_MESSAGE = (
     "is immutable while the run exists (it defines what is trained); create a new RLPRun to change it"
 )
 
-# CEL counterparts of the pydantic model validators, by model class name.
+# CEL counterparts of the pydantic model validators, by model class name. The `has()` guards are for the
+# apiserver's check of the schema's own (not yet nested-defaulted) `default: {}` values; real objects are
+# defaulted before validation, so both fields are always there.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "TinyModel": [
         {
-            "rule": "self.hiddenSize % self.numHeads == 0",
+            "rule": "!has(self.hiddenSize) || !has(self.numHeads) || self.hiddenSize % self.numHeads == 0",
             "message": "hiddenSize must be a multiple of numHeads",
             "fieldPath": ".hiddenSize",
         }
     ],
     "SER": [
         {
-            "rule": "self.lowConfidence <= self.highConfidence",
+            "rule": "!has(self.lowConfidence) || !has(self.highConfidence) || self.lowConfidence <= self.highConfidence",
             "message": "lowConfidence must not exceed highConfidence",
             "fieldPath": ".lowConfidence",
         }
     ],
     "Optimization": [
         {
-            "rule": "self.miniBatchSize <= self.rolloutBatchSize",
+            "rule": "!has(self.miniBatchSize) || !has(self.rolloutBatchSize) || self.miniBatchSize <= self.rolloutBatchSize",
             "message": "miniBatchSize must not exceed rolloutBatchSize",
             "fieldPath": ".miniBatchSize",
         }
@@ -345,7 +347,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data)
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
 _Dumper.add_representer(str, _str_presenter)

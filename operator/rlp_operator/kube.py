@@ -88,8 +88,8 @@ class Kube:
         )
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
-        data = json.dumps(body) if body is not None else None
-        resp = self.api.call_api(method, url, header_params=headers, body=data, _request_timeout=self.timeout)
+        # the REST layer serialises dicts/lists itself for every JSON content type (merge-patch included)
+        resp = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)
         raw = resp.read()
         text = raw.decode() if isinstance(raw, bytes) else (raw or "")
         if resp.status >= 400:
