@@ -6,6 +6,8 @@ import json
 import os
 import re
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -192,7 +194,8 @@ def s3_phase(s3_server, s3_bucket) -> S3Store:
     """A phase prefix in a fresh bucket; 2 attempts per request keeps outage tests quick."""
     return Store.from_uri(
         f"s3://{s3_bucket}/data",
-        endpoint=s3_server.endpoint,
+        endpoint=s3_server.endpoint_url,
+        region=s3_server.region,
         access_key=s3_server.access_key,
         secret_key=s3_server.secret_key,
         max_attempts=2,
@@ -206,17 +209,17 @@ def _big_src(tmp_path: Path) -> Path:
     return root
 
 
-def _outage_on_first_upload_part(store: S3Store, s3_server, restart_after: float | None) -> threading.Event:
+def _outage_on_first_upload_part(store: S3Store, s3_server) -> threading.Event:
     """Stop the real server as the first multipart part is sent (botocore's before-send event), so the
-    outage hits the middle of a file; optionally start it again after ``restart_after`` seconds."""
+    outage hits the middle of a file. The returned event is set once the server is down."""
     fired = threading.Event()
+    lock = threading.Lock()
 
     def hook(**_):
-        if not fired.is_set():
-            fired.set()
-            s3_server.stop()
-            if restart_after is not None:
-                threading.Timer(restart_after, s3_server.start).start()
+        with lock:  # parts are sent from several transfer threads
+            if not fired.is_set():
+                s3_server.stop()
+                fired.set()
 
     store.client.meta.events.register("before-send.s3.UploadPart", hook)
     return fired
@@ -249,7 +252,7 @@ def test_s3_manifest_written_exactly_once(s3_phase):
 
 @pytest.mark.s3
 def test_s3_outage_during_upload_leaves_no_manifest(s3_phase, s3_server, tmp_path):
-    outage = _outage_on_first_upload_part(s3_phase, s3_server, restart_after=None)
+    outage = _outage_on_first_upload_part(s3_phase, s3_server)
     try:
         with pytest.raises(StoreError, match="up to 2 attempts"):
             _publish(s3_phase, _big_src(tmp_path))
@@ -267,12 +270,19 @@ def test_s3_outage_during_upload_leaves_no_manifest(s3_phase, s3_server, tmp_pat
 def test_s3_short_outage_is_ridden_out_by_retries(s3_server, s3_bucket, tmp_path):
     store = Store.from_uri(
         f"s3://{s3_bucket}/data",
-        endpoint=s3_server.endpoint,
+        endpoint=s3_server.endpoint_url,
+        region=s3_server.region,
         access_key=s3_server.access_key,
         secret_key=s3_server.secret_key,
         max_attempts=10,  # standard-mode backoff over 10 attempts outlasts a 1 s outage
     ).child("phase")
-    outage = _outage_on_first_upload_part(store, s3_server, restart_after=1.0)
-    m = _publish(store, _big_src(tmp_path))
-    assert outage.is_set()
+    outage = _outage_on_first_upload_part(store, s3_server)
+    with ThreadPoolExecutor(1) as pool:
+        publishing = pool.submit(_publish, store, _big_src(tmp_path))
+        assert outage.wait(30)
+        time.sleep(1.0)
+        # Restarted from this thread, not a short-lived one: the server process is started with
+        # PR_SET_PDEATHSIG, which kills it when the thread that started it ends.
+        s3_server.start()
+        m = publishing.result(timeout=120)
     assert verify_manifest(store, deep=True) == m

@@ -164,7 +164,8 @@ def s3_store(s3_server, s3_bucket) -> S3Store:
     """A store under a fresh bucket; 2 attempts per request keeps outage tests quick."""
     return Store.from_uri(
         f"s3://{s3_bucket}/root",
-        endpoint=s3_server.endpoint,
+        endpoint=s3_server.endpoint_url,
+        region=s3_server.region,
         access_key=s3_server.access_key,
         secret_key=s3_server.secret_key,
         max_attempts=2,
