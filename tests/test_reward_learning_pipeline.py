@@ -1,0 +1,120 @@
+"""Each reward-learning strategy through the real pipeline on the built-in task (tiny sizes): the run
+finishes and the refine / synthesize manifests carry the strategy's metrics; and rounds chain models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlp_core.pipeline import PhaseContext, POLICY_DIR, RM_DIR, execute_phase
+from rlp_core.runner import run_local
+from rlp_core.spec import parse_run
+from rlp_core.store import Store
+from rlp_core.telemetry import PhaseTelemetry
+
+pytestmark = pytest.mark.slow
+
+TINY = {"maxPositions": 32}
+
+
+def _spec(**overrides) -> dict:
+    spec = {
+        "policy": {"sft": {"tiny": TINY, "training": {"epochs": 0.5, "batchSize": 64, "learningRate": 0.003}}},
+        "rewardModel": {"training": {"epochs": 1, "batchSize": 32, "learningRate": 0.001}},
+        "generation": {"samplesPerPrompt": 6, "maxPrompts": 24, "maxNewTokens": 4},
+        "rewardLearning": {"uml": {"training": {"epochs": 1, "batchSize": 24}},
+                           "spg": {"training": {"epochs": 0.5, "batchSize": 32}},
+                           "ser": {"training": {"epochs": 0.5, "batchSize": 32}, "minNewPairs": 1,
+                                   "highConfidence": 0.55, "lowConfidence": 0.51, "maxIterations": 2}},
+        "optimization": {"steps": 2, "rolloutBatchSize": 8, "miniBatchSize": 8, "ppoEpochs": 1, "maxNewTokens": 4,
+                         "learningRate": 0.003},
+        "evaluation": {"judge": "builtin://arith", "maxPrompts": 16, "maxNewTokens": 4},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """An SFT policy and a reward model trained once, given to every run below as its starting models."""
+    tmp = tmp_path_factory.mktemp("base")
+    torch.set_num_threads(2)
+    run = parse_run({"metadata": {"name": "base"}, "spec": _spec()})
+    root = Store.from_uri(f"file://{tmp}/store")
+    for phase in ("sft", "reward"):
+        execute_phase(run, root, 0, phase, cache_dir=tmp / "cache")
+    out = tmp / "store" / "default" / "base" / "round-0"
+    return {"policy": {"model": str(out / "sft" / POLICY_DIR), "sft": {"tiny": TINY}},
+            "rewardModel": {"model": str(out / "reward" / RM_DIR)}}
+
+
+def _run(tmp_path, base, name: str, **overrides):
+    run = parse_run({"metadata": {"name": name}, "spec": _spec(**base, **overrides)})
+    report = run_local(run, store_uri=f"file://{tmp_path}/store", cache_dir=tmp_path / "cache")
+    return run, {(r.round, r.phase): r for r in report.results}, report
+
+
+ACCURACY = ("rm_accuracy_held_out_before", "rm_accuracy_held_out", "rm_accuracy_policy_gold_before",
+            "rm_accuracy_policy_gold")
+
+
+def test_rlp_runs_refine_and_synthesize_and_records_their_metrics(tmp_path, base):
+    _, results, report = _run(tmp_path, base, "both", rewardLearning={"strategy": "rlp"})
+    assert report.evaluation is not None
+    refine = results[(1, "refine")].manifest.metrics
+    assert results[(1, "refine")].state == "Succeeded"
+    for key in ACCURACY + ("mib_loss_first", "mib_loss_last", "mib_mi_jsd_last", "mib_skl_last", "beta_final"):
+        assert key in refine, key
+    synth = results[(1, "synthesize")].manifest.metrics
+    for key in ACCURACY + ("prompts_seen", "prompts_kept", "synthetic_pairs", "entropy_histogram",
+                           "synthetic_pairs_gold_accuracy"):
+        assert key in synth, key
+    assert synth["prompts_seen"] == 24 and 0 < synth["prompts_kept"] <= synth["prompts_eligible"]
+    assert synth["synthetic_pairs"] == synth["prompts_kept"]  # pairsPerPrompt 1
+    hist = synth["entropy_histogram"]
+    assert sum(hist["counts"]) == 24 and len(hist["edges"]) == len(hist["counts"]) + 1
+    assert any(f.path.startswith(RM_DIR + "/") for f in results[(1, "synthesize")].manifest.files)
+
+
+def test_ser_records_iterations_and_why_it_stopped(tmp_path, base):
+    _, results, report = _run(tmp_path, base, "ser", rewardLearning={"strategy": "ser"})
+    assert report.evaluation is not None and results[(1, "refine")].state == "Skipped"
+    ser = results[(1, "synthesize")].manifest.metrics
+    for key in ACCURACY + ("unlabeled_pairs", "iterations", "stop_reason", "self_labelled_pairs"):
+        assert key in ser, key
+    assert ser["stop_reason"] in ("too few new confident pairs", "held-out accuracy fell", "max iterations")
+    first = ser["iterations"][0]
+    assert {"status", "pairs_selected", "new_pairs", "confidence_histogram"} <= set(first)
+    assert sum(first["confidence_histogram"]["counts"]) == ser["unlabeled_pairs"]
+
+
+def test_two_rounds_sample_the_previous_rounds_policy(tmp_path, base):
+    run, results, report = _run(tmp_path, base, "rounds", rounds=2, rewardLearning={"strategy": "rlp-spg"})
+    assert report.evaluation is not None
+    assert [(r, p) for (r, p) in results if r == 2] == [(2, "generate"), (2, "refine"), (2, "synthesize"),
+                                                       (2, "optimize"), (2, "evaluate")]
+    assert results[(2, "synthesize")].state == "Succeeded" and results[(2, "refine")].state == "Skipped"
+
+    def ctx(round, phase):
+        return PhaseContext(run, round, phase, Store.from_uri(f"file://{tmp_path}/store"), tmp_path / "cache",
+                            tmp_path / "unused", PhaseTelemetry("t", round, phase))
+
+    # round 2 samples the policy round 1 optimised, and refines the RM round 1 synthesised
+    assert ctx(2, "generate").policy_dir() == ctx(1, "optimize").fetch(1, "optimize") / POLICY_DIR
+    assert ctx(2, "synthesize").reward_model_dir() == ctx(1, "synthesize").fetch(1, "synthesize") / RM_DIR
+    # and optimises from it, while the KL reference stays the starting policy
+    assert ctx(2, "optimize").policy_dir() == ctx(1, "optimize").fetch(1, "optimize") / POLICY_DIR
+    assert str(ctx(2, "optimize").start_policy_dir()) == base["policy"]["model"]
+    samples_1 = (tmp_path / "store" / "default" / "rounds" / "round-1" / "generate" / "samples.jsonl").read_text()
+    samples_2 = (tmp_path / "store" / "default" / "rounds" / "round-2" / "generate" / "samples.jsonl").read_text()
+    assert samples_1 != samples_2
+
+
+def test_uml_alone_feeds_the_refined_rm_to_optimize(tmp_path, base):
+    run, results, report = _run(tmp_path, base, "uml", rewardLearning={"strategy": "rlp-uml"})
+    assert report.evaluation is not None
+    assert results[(1, "refine")].state == "Succeeded" and results[(1, "synthesize")].state == "Skipped"
+    ctx = PhaseContext(run, 1, "optimize", Store.from_uri(f"file://{tmp_path}/store"), tmp_path / "cache",
+                       tmp_path / "unused", PhaseTelemetry("t", 1, "optimize"))
+    assert ctx.reward_model_dir() == ctx.fetch(1, "refine") / RM_DIR
