@@ -364,3 +364,165 @@ def rlprun(name: str, spec: dict[str, Any], annotations: dict[str, str] | None =
         "metadata": {"name": name, **({"annotations": annotations} if annotations else {})},
         "spec": spec,
     }
+
+
+class ClusterRig:
+    """One test's view: the control plane, a namespace, an S3 bucket with a Secret, the operator process."""
+
+    SECRET = "s3-creds"
+
+    def __init__(self, control_plane, api_client, namespace: str, s3_server, bucket: str, log_dir: Path):
+        from kubernetes import client
+
+        self.cp = control_plane
+        self.api = api_client
+        self.ns = namespace
+        self.s3 = s3_server
+        self.bucket = bucket
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.operator = OperatorProcess(control_plane.kubeconfig, namespaces=[namespace],
+                                        log_path=log_dir / "operator.log", backoff_base=0.3)  # fmt: skip
+        install_crd(api_client)
+        self.core.create_namespaced_secret(
+            namespace,
+            {"metadata": {"name": self.SECRET},
+             "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}},
+        )  # fmt: skip
+
+    # -- runs
+    def spec(self, **overrides: Any) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "policy": {"model": "s3://models/sft/"},
+            "rewardModel": {"model": "s3://models/rm/"},
+            "rewardLearning": {"strategy": "rlp"},
+            "storage": {"uri": f"s3://{self.bucket}/runs", "endpoint": self.s3.endpoint_url,
+                        "secretRef": {"name": self.SECRET}},
+            "resources": {"gpusPerPod": 1, "cpu": "1", "memory": "1Gi"},
+            "backoffLimit": 3,
+        }  # fmt: skip
+        spec.update(overrides)
+        return spec
+
+    def create_run(self, name: str, spec: dict[str, Any] | None = None, *, hold: bool = True,
+                   annotations: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+        ann = dict(annotations or {})
+        if hold:  # phase pods keep running until the test lets them finish
+            ann["rlp.dev/pod-annotations"] = json.dumps({"rlp.dev/kwok-hold": "true"})
+        return self.custom.create_namespaced_custom_object(
+            "rlp.dev", "v1alpha1", self.ns, "rlpruns", rlprun(name, spec or self.spec(), ann)
+        )
+
+    def get_run(self, name: str) -> dict[str, Any] | None:
+        status, obj = raw(self.api, "GET", RUNS_PATH.format(ns=self.ns) + f"/{name}")
+        return obj if status == 200 else None
+
+    def patch_run(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        status, obj = raw(self.api, "PATCH", RUNS_PATH.format(ns=self.ns) + f"/{name}", patch,
+                          content_type="application/merge-patch+json")  # fmt: skip
+        assert status == 200, obj
+        return obj
+
+    def status(self, name: str) -> dict[str, Any]:
+        run = self.get_run(name)
+        return (run or {}).get("status") or {}
+
+    def wait_run(self, name: str, check, timeout: float = 30.0, what: str = "run state") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = self.status(name)
+            if check(last):
+                return last
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{name}: timed out waiting for {what}; status: {json.dumps(last, indent=1)[:3000]}\n"
+            f"operator log:\n{self.operator.tail(40)}"
+        )
+
+    def wait_phase_running(self, name: str, phase: str, round_: int = 1, attempt: int | None = None,
+                           timeout: float = 30.0) -> str:  # fmt: skip
+        """Wait until (round, phase) is Running (its attempt N when given); returns the Job name."""
+
+        def check(st):
+            for rec in st.get("phases", []):
+                if rec["name"] == phase and rec["round"] == round_ and rec["state"] == "Running":
+                    return attempt is None or rec.get("attempts") == attempt
+            return False
+
+        st = self.wait_run(name, check, timeout, f"{phase} (round {round_}) running")
+        return next(r["job"] for r in st["phases"] if r["name"] == phase and r["round"] == round_)
+
+    # -- workloads
+    def jobs(self, run: str | None = None) -> list[dict[str, Any]]:
+        sel = f"rlp.dev/run={run}" if run else "rlp.dev/run"
+        status, obj = raw(self.api, "GET", f"/apis/batch/v1/namespaces/{self.ns}/jobs", query=f"labelSelector={sel}")
+        return obj["items"]
+
+    def job_names(self, run: str | None = None) -> list[str]:
+        return sorted(j["metadata"]["name"] for j in self.jobs(run))
+
+    def pods_of(self, job: str) -> list[dict[str, Any]]:
+        status, obj = raw(self.api, "GET", f"/api/v1/namespaces/{self.ns}/pods",
+                          query=f"labelSelector=batch.kubernetes.io/job-name={job}")  # fmt: skip
+        return obj["items"]
+
+    def wait_pod_running(self, job: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pod in self.pods_of(job):
+                if (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+                    return pod["metadata"]["name"]
+            time.sleep(0.05)
+        raise AssertionError(f"no running pod for Job {job} after {timeout}s: {self.pods_of(job)}")
+
+    def finish_pod(self, pod: str, exit_code: int = 0) -> None:
+        self.core.patch_namespaced_pod(
+            pod, self.ns, {"metadata": {"annotations": {"rlp.dev/kwok-exit-code": str(exit_code),
+                                                        "rlp.dev/kwok-hold": None}}}  # fmt: skip
+        )
+
+    def write_manifest(self, run: str, phase: str, round_: int = 1, metrics: dict | None = None) -> None:
+        """Simulate a phase's work: its output and then its manifest, in S3."""
+        import hashlib
+
+        from rlp_core.manifest import Manifest, ManifestFile, phase_prefix, write_manifest
+        from rlp_core.store import Store
+
+        store = Store.from_uri(f"s3://{self.bucket}/runs", endpoint=self.s3.endpoint_url,
+                               access_key=self.s3.access_key, secret_key=self.s3.secret_key)  # fmt: skip
+        store = store.child(phase_prefix(self.ns, run, round_, phase))
+        data = f"{run} {phase} {round_}".encode()
+        store.put_bytes("result.jsonl", data)
+        files = [ManifestFile(path="result.jsonl", size=len(data), sha256=hashlib.sha256(data).hexdigest())]
+        manifest = Manifest(phase=phase, round=round_, files=files, spec_hash="test", code_version="test",
+                            metrics=metrics if metrics is not None else {"score": 0.75, "phase": phase})  # fmt: skip
+        write_manifest(store, manifest)
+
+    def s3_keys(self, prefix: str = "") -> list[str]:
+        s3 = self.s3.client()
+        out = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return out
+
+    def run_phase(self, run: str, phase: str, round_: int = 1, exit_code: int = 0, attempt: int | None = None) -> str:
+        """Wait for the phase's pod, do its 'work' (manifest when it succeeds), let kwok end it."""
+        job = self.wait_phase_running(run, phase, round_, attempt)
+        pod = self.wait_pod_running(job)
+        if exit_code == 0:
+            self.write_manifest(run, phase, round_)
+        self.finish_pod(pod, exit_code)
+        return job
+
+    def events(self, run: str) -> list[dict[str, Any]]:
+        status, obj = raw(self.api, "GET", f"/api/v1/namespaces/{self.ns}/events",
+                          query=f"fieldSelector=involvedObject.name={run}")  # fmt: skip
+        return sorted(obj["items"], key=lambda e: int(e["metadata"]["resourceVersion"]))  # = posting order
+
+    def event_reasons(self, run: str) -> list[str]:
+        return [e["reason"] for e in self.events(run)]
+
+    def close(self) -> None:
+        self.operator.stop()
