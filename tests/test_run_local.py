@@ -1,0 +1,84 @@
+"""`rlp run`: the quickstart end to end, resume after a kill, and bad input rejected before training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+
+
+def rlp(*args, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "rlp_jobs", *args], cwd=cwd, capture_output=True, text=True, **kw)
+
+
+def manifests(store: Path) -> dict[str, dict]:
+    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text()) for p in store.rglob("_MANIFEST.json")}
+
+
+def test_malformed_spec_fails_naming_the_field(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("kind: RLPRun\nmetadata: {name: bad}\nspec:\n  optimization: {algoritm: ppo, clipRange: 0.2}\n"
+                    "  rounds: 0\n")
+    res = rlp("run", str(spec), "--store", f"file://{tmp_path}/store", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "spec.optimization.algoritm" in res.stderr and "spec.rounds" in res.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_malformed_data_fails_naming_the_line_before_training(tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                     '{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n'
+                     '{"prompt": "3+3=", "rejected": "7"}\n')
+    spec = tmp_path / "run.yaml"
+    spec.write_text(f"kind: RLPRun\nmetadata: {{name: bad-data}}\nspec:\n  rewardModel: {{humanPreferences: {prefs}}}\n")
+    res = rlp("run", str(spec), "--store", f"file://{tmp_path}/store", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert f"{prefs}:3: chosen: Field required" in res.stderr
+    assert not list((tmp_path / "store").rglob("_MANIFEST.json")) if (tmp_path / "store").exists() else True
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp_path):
+    store = tmp_path / "store"
+    args = ("run", str(QUICKSTART), "--store", f"file://{store}", "--cache-dir", str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "rlp_jobs", *args], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = store / "default" / "quickstart" / "round-1" / "optimize" / "_checkpoints" / "state.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists():
+        assert proc.poll() is None, f"rlp run ended before optimize checkpointed: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = manifests(store)
+    assert "round-1/optimize" not in before
+    assert {"round-0/sft", "round-0/reward", "round-1/generate", "round-1/synthesize"} <= set(before)
+
+    res = rlp(*args, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = manifests(store)
+    for key, manifest in before.items():  # completed phases were not redone
+        assert after[key]["created_at"] == manifest["created_at"], key
+    assert after["round-1/optimize"]["metrics"]["resumed_from_step"] >= 5
+    assert after["round-1/refine"]["metrics"]["skipped"] is True
+    evaluation = after["round-1/evaluate"]["metrics"]
+    assert 0 <= evaluation["ci_low"] <= evaluation["win_rate"] <= evaluation["ci_high"] <= 1
+    report = json.loads((tmp_path / "cache" / "reports" / "default" / "quickstart" / "report.json").read_text())
+    assert report["evaluation"]["win_rate"] == evaluation["win_rate"]
+    assert (tmp_path / "cache" / "reports" / "default" / "quickstart" / "curves.png").stat().st_size > 1000
+
+    again = rlp(*args, cwd=tmp_path, timeout=300)  # a finished run: nothing is redone
+    assert again.returncode == 0
+    assert manifests(store) == after
+    states = {p["phase"]: p["state"] for p in json.loads(
+        (tmp_path / "cache" / "reports" / "default" / "quickstart" / "report.json").read_text())["phases"]}
+    assert set(states.values()) == {"Cached"}
