@@ -217,7 +217,7 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, **self.extra_env}
         env.pop("AWS_ACCESS_KEY_ID", None)
         env.pop("AWS_SECRET_ACCESS_KEY", None)
-        args = [sys.executable, "-m", "rlp_operator", "--standalone", "--metrics-port", str(self.metrics_port),
+        args = [sys.executable, "-m", "rlp_operator", "--standalone", "--log-level", os.environ.get("RLP_TEST_OPERATOR_LOG_LEVEL", "info"), "--metrics-port", str(self.metrics_port),
                 "--health-port", "0", "--bind", "127.0.0.1", "--backoff-base", str(self.backoff_base),
                 "--backoff-max", "5", "--workers", str(self.workers)]  # fmt: skip
         for ns in self.namespaces:

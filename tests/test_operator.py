@@ -25,9 +25,7 @@ def rig(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path):
     try:
         yield r
     finally:
-        rc = r.operator.stop()
-        if rc not in (0, None, -9):
-            print(r.operator.tail(80))
+        r.operator.kill()  # no state to flush; a graceful stop is tested on its own
 
 
 def _phase_records(st):
@@ -140,6 +138,7 @@ def test_retries_backoff_limit_and_metrics(rig):
     assert v("rlp_reconcile_errors_total", handler="reconcile") == 0
     assert any(name == "process_resident_memory_bytes" for name, _ in m)
     assert rig.operator.get("/healthz")[0] == 200 and rig.operator.get("/readyz")[0] == 200
+    assert rig.operator.stop() == 0  # SIGTERM: a clean exit
     # structured logs: one JSON object per line, with the run named
     records = rig.operator.log_records()
     assert any(r.get("event") == "PhaseFailed" and r.get("run") == "doomed" for r in records)

@@ -59,8 +59,9 @@ def ensure_test_binaries() -> Path:
         proc = subprocess.run(
             ["bash", str(BUILD_SCRIPT)],
             cwd=REPO_ROOT,
+            env={**os.environ, "RLP_BUILD_QUIET": "1"},  # silent unless something must be built
             stdout=subprocess.PIPE,
-            stderr=None,  # progress goes to the terminal / pytest's captured stderr
+            stderr=None,  # build progress goes to the terminal
             text=True,
             check=False,
         )
