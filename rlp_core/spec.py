@@ -295,7 +295,12 @@ class RLPRunSpec(SpecModel):
     storage: Storage = Field(default_factory=Storage)
     resources: Resources = Field(default_factory=Resources)
     phases: dict[PhaseName, PhaseOverride] = Field(default_factory=dict)
-    backoff_limit: int = Field(3, ge=0, le=100, description="Attempts per phase before the run fails.")
+    backoff_limit: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Attempts per phase (the first one included) before the run fails; 1: no retry.",
+    )
     suspend: bool = False
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
 
