@@ -10,7 +10,8 @@
 # under a temporary name and renamed into place, so an interrupted run leaves nothing half-written.
 # Progress goes to stderr; the last line on stdout is the bin directory.
 #
-# Environment: RLP_TESTBIN_DIR (cache root), RLP_GO (the go command), RLP_BUILD_JOBS (go build -p, default 2).
+# Environment: RLP_TESTBIN_DIR (cache root), RLP_GO (the go command), RLP_BUILD_JOBS (go build -p, default 2),
+# RLP_BUILD_QUIET=1 (say nothing on stderr unless something has to be built).
 set -euo pipefail
 
 K8S_VERSION=1.36.3          # k8s.io/kubernetes; staging modules at v0.36.3 (tools/testbin/go.mod)
@@ -28,7 +29,10 @@ BIN="${CACHE}/bin"
 STAGES="${CACHE}/stages"
 JOBS="${RLP_BUILD_JOBS:-2}"
 
+QUIET="${RLP_BUILD_QUIET:-0}"
+BUILT=0
 log() { printf '[build-test-servers] %s\n' "$*" >&2; }
+info() { [[ "$QUIET" == 1 && "$BUILT" == 0 ]] || log "$@"; }  # progress that is noise on a cached run
 
 find_go() {
     if [[ -n "${RLP_GO:-}" ]]; then echo "$RLP_GO"; return; fi
@@ -50,7 +54,7 @@ if [[ -z "$go_minor" || "$go_minor" -lt 26 ]]; then
 else
     export GOTOOLCHAIN=local
 fi
-log "go: $("$GO" version)"
+info "go: $("$GO" version)"
 
 mkdir -p "$BIN" "$STAGES"
 
@@ -65,7 +69,8 @@ have() { [[ -x "${BIN}/$1" ]]; }
 # install_into NAME CMD... : runs CMD with $OUTFILE set to a temporary path, then renames it to bin/NAME.
 install_into() {
     local name="$1"; shift
-    if have "$name"; then log "$name: cached"; return; fi
+    if have "$name"; then info "$name: cached"; return; fi
+    BUILT=1
     local tmp="${BIN}/.${name}.tmp.$$"
     rm -f "$tmp"
     local t0=$SECONDS
@@ -91,10 +96,10 @@ wrapper_build() {  # PACKAGE (built in tools/testbin, whose go.mod/go.sum pin ev
     (cd "${ROOT}/tools/testbin" && "$GO" build -p "$JOBS" -trimpath -ldflags "$K8S_LDFLAGS" -o "$OUTFILE" "$1")
 }
 
-go_install() {  # MODULE_PATH/cmd/X@VERSION
+go_install() {  # MODULE_PATH/cmd/X@VERSION [EXTRA_LDFLAGS]
     local gobin="${BIN}/.gobin.$$"
     rm -rf "$gobin"; mkdir -p "$gobin"
-    (cd "$CACHE" && GOBIN="$gobin" "$GO" install -p "$JOBS" -trimpath -ldflags "-s -w" "$1")
+    (cd "$CACHE" && GOBIN="$gobin" "$GO" install -p "$JOBS" -trimpath -ldflags "-s -w ${2:-}" "$1")
     local built=("$gobin"/*)
     mv -f "${built[0]}" "$OUTFILE"
     rm -rf "$gobin"
@@ -107,7 +112,8 @@ install_into kube-controller-manager wrapper_build k8s.io/kubernetes/cmd/kube-co
 install_into kube-scheduler wrapper_build k8s.io/kubernetes/cmd/kube-scheduler
 install_into kwok go_install "sigs.k8s.io/kwok/cmd/kwok@v${KWOK_VERSION}"
 install_into versitygw go_install "github.com/versity/versitygw/cmd/versitygw@v${VERSITYGW_VERSION}"
-install_into helm go_install "helm.sh/helm/v4/cmd/helm@v${HELM_VERSION}"
+install_into helm go_install "helm.sh/helm/v4/cmd/helm@v${HELM_VERSION}" \
+    "-X helm.sh/helm/v4/internal/version.version=v${HELM_VERSION}"
 install_into promtool go_install "github.com/prometheus/prometheus/cmd/promtool@v${PROMETHEUS_VERSION}"
 
 # kwok's stock stages, from its module in the module cache (downloaded by the go install above).
@@ -123,8 +129,9 @@ if (( missing )); then
         chmod 644 "${STAGES}/${f}.tmp.$$"
         mv -f "${STAGES}/${f}.tmp.$$" "${STAGES}/${f}"
     done
+    BUILT=1
     log "kwok stages copied to ${STAGES}"
 fi
 
-log "all binaries ready in ${BIN} ($((SECONDS - T_START)) s)"
+info "all binaries ready in ${BIN} ($((SECONDS - T_START)) s)"
 echo "$BIN"
