@@ -97,6 +97,18 @@ def deepspeed_wanted(setting: str) -> bool:
     return torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _single_process_rendezvous() -> None:
+    """Outside torchrun, give DeepSpeed a one-process group on loopback instead of MPI discovery."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 @dataclass
 class PPOTrainer:
     config: Optimization
@@ -144,6 +156,8 @@ class PPOTrainer:
         if deepspeed_wanted(cfg.deepspeed.enabled):
             import deepspeed
 
+            _single_process_rendezvous()
+
             bf16 = cfg.deepspeed.bf16 == "true" or (
                 cfg.deepspeed.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             )
@@ -166,7 +180,7 @@ class PPOTrainer:
             "step": step,
             "module": self.module.state_dict(),
             "kl_coef": self.kl_ctl.value,
-            "history": self.history,
+            "history": list(self.history),
             "rng": {"python": self._rng.getstate(), "torch": torch.get_rng_state()},
         }
         if self.engine is None:  # ZeRO partitions optimizer state per rank: resume restarts Adam's moments
