@@ -5,8 +5,9 @@ writes the manifest last (`execute_phase`), serving `/metrics` meanwhile. It is 
 whose manifest verifies exits 0 at once) and resumable (optimize restarts from its checkpoint).
 
 Multi-process phases: only `optimize` spans several processes. In an indexed Job the operator sets
-NNODES, NODE_RANK (the completion index), GPUS_PER_NODE, MASTER_ADDR and MASTER_PORT; this entrypoint
-then re-executes itself under `torch.distributed.run` with those values (one process per GPU), and
+NNODES, NODE_RANK (the completion index), NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT; this entrypoint
+then re-executes itself under `torch.distributed.run` with those values (one process per GPU: NPROC_PER_NODE,
+else GPUS_PER_NODE, else the GPUs this pod sees), and
 DeepSpeed joins the process group from the environment torchrun sets. Every other phase runs on node 0
 only; the other indexed pods of such a phase exit 0.
 """
@@ -27,11 +28,12 @@ from rlp_core.telemetry import PhaseTelemetry
 log = logging.getLogger("rlp.phase")
 
 
-def torchrun_argv(argv: list[str], env: dict[str, str]) -> list[str] | None:
+def torchrun_argv(argv: list[str], env: dict[str, str], local_gpus: int = 1) -> list[str] | None:
     """The torchrun command to re-execute under, or None when this process should run the phase itself."""
     if "LOCAL_RANK" in env:
         return None
-    nnodes, nproc = int(env.get("NNODES", "1")), int(env.get("GPUS_PER_NODE", "1"))
+    nnodes = int(env.get("NNODES", "1"))
+    nproc = int(env.get("NPROC_PER_NODE") or env.get("GPUS_PER_NODE") or max(1, local_gpus))
     if nnodes * nproc <= 1:
         return None
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
@@ -49,7 +51,9 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
         print(str(err), file=sys.stderr)
         return 2
     if name == "optimize":
-        cmd = torchrun_argv(sys.argv[1:], dict(os.environ))
+        import torch
+
+        cmd = torchrun_argv(sys.argv[1:], dict(os.environ), torch.cuda.device_count())
         if cmd is not None:
             os.execv(cmd[0], cmd)
     elif int(os.environ.get("NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", "0"))) != 0:
@@ -58,13 +62,20 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
     storage = run.spec.storage
     telemetry = PhaseTelemetry(run.metadata.name, round, name)
     if metrics_port and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        telemetry.serve(metrics_port)
+        try:
+            telemetry.serve(metrics_port)
+        except OSError as err:  # a phase without /metrics beats a failed phase
+            log.warning("cannot serve /metrics on port %d: %s; the phase runs without it", metrics_port, err)
     try:
         root = Store.from_uri(store_uri or storage.uri, endpoint=storage.endpoint or os.environ.get("RLP_S3_ENDPOINT"),
                               region=storage.region)
         result = execute_phase(run, root, round, name, cache_dir=cache_dir, telemetry=telemetry)
     except (PhaseError, DataError, StoreError) as err:
         print(f"rlp phase {name} (round {round}) failed: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - the traceback for the logs, then one line for the pod's status
+        log.exception("phase %s round %d crashed", name, round)
+        print(f"rlp phase {name} (round {round}) failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     log.info("phase %s round %d: %s", name, round, result.state)
     return 0
