@@ -24,5 +24,3 @@ class APATrainer(PPOTrainer):
         return losses.apa_policy_loss(logprobs, batch.ref_logprobs, batch.advantages, batch.mask,
                                       self.config.apa.lam, old_logprobs=batch.logprobs)
 
-
-TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from rlp_core.apa import APATrainer
 from rlp_core.data import (
     DataError, Demonstration, PreferencePair, Prompt, Record, Sample, load_records, split_held_out, write_records,
 )
@@ -38,6 +39,7 @@ from rlp_core.models import (
     build_tiny_policy, default_device, load_policy, load_reward_model, load_tokenizer, load_value_model,
     reward_scores, save_model, train_tokenizer,
 )
+from rlp_core.ppo import PPOTrainer
 from rlp_core.sampling import decode_responses, sample_responses
 from rlp_core.spec import RLPRun
 from rlp_core.store import Store
@@ -268,9 +270,10 @@ def rm_score_fn(model, device: torch.device):
     return score
 
 
-def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
-    from rlp_core.apa import TRAINERS
+TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}
 
+
+def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     opt = ctx.spec.optimization
     policy_dir, start_dir, rm_dir = ctx.policy_dir(), ctx.start_policy_dir(), ctx.reward_model_dir()
     tokenizer = load_tokenizer(policy_dir)

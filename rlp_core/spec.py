@@ -353,7 +353,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid RLPRun ({err.error_count()} problem(s)):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  - {path}: {e['msg']}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field: check its spelling and camelCase against `rlp crd` or docs/spec.md"
+        lines.append(f"  - {path}: {msg}")
     return "\n".join(lines)
 
 
@@ -378,3 +381,26 @@ def load_run(path: str | Path) -> RLPRun:
     if "spec" not in doc and "kind" not in doc:
         doc = {"spec": doc}
     return parse_run(doc, str(path))
+
+
+def reference_markdown() -> str:
+    """docs/spec.md: every spec field with its YAML path, default and description (kept current by a test)."""
+    rows: list[str] = []
+
+    def walk(obj: SpecModel, prefix: str) -> None:
+        for name, info in type(obj).model_fields.items():
+            path = f"{prefix}.{info.alias or name}"
+            value = getattr(obj, name)
+            if isinstance(value, SpecModel):
+                walk(value, path)
+                continue
+            annotation = info.annotation
+            kind = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+            kind = kind or str(annotation).replace("typing.", "").replace("rlp_core.spec.", "")
+            default = json.dumps(value, default=lambda m: m.model_dump(by_alias=True))
+            rows.append(f"| `{path}` | `{kind}` | `{default}` | {info.description or ''} |")
+
+    walk(RLPRunSpec(), "spec")
+    header = ("# RLPRun spec reference\n\nGenerated from `rlp_core/spec.py` (the same model the CRD is generated "
+              "from). YAML uses the camelCase names below.\n\n| field | type | default | meaning |\n|---|---|---|---|\n")
+    return header + "\n".join(rows) + "\n"

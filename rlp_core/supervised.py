@@ -31,12 +31,10 @@ def minibatches(items: Sequence[T], batch_size: int, epochs: float, seed: int) -
     rng = random.Random(seed)
     batches: list[list[T]] = []
     total = max(1, math.ceil(len(items) * epochs / batch_size))
-    epoch = 0
     while len(batches) < total:
         order = list(items)
         rng.shuffle(order)
         batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        epoch += 1
     return batches[:total]
 
 
