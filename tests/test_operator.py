@@ -239,3 +239,78 @@ def test_complete_outputs_are_reused_and_ttl_deletes_the_finished_run(rig):
     assert seen_succeeded
     assert rig.jobs("reuse") == []  # every phase was already complete: no Job at all
     assert "Expired" in rig.event_reasons("reuse")
+
+
+def test_operator_works_with_exactly_its_rbac(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path):
+    """operator/rbac.yaml is enough: a run (with a failed attempt), suspend, delete, all without a 403."""
+    from pathlib import Path
+
+    import yaml
+    from kubernetes import client
+
+    from operator_fixtures import OperatorProcess
+
+    rbac = client.RbacAuthorizationV1Api(kube_api)
+    role = yaml.safe_load((Path(__file__).resolve().parents[1] / "operator" / "rbac.yaml").read_text())
+    role["metadata"]["name"] = f"rlp-operator-{namespace}"
+    rbac.create_cluster_role(role)
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "rlp-operator"}})
+    rbac.create_cluster_role_binding({
+        "metadata": {"name": f"rlp-operator-{namespace}"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
+        "subjects": [{"kind": "ServiceAccount", "name": "rlp-operator", "namespace": namespace}],
+    })  # fmt: skip
+    try:
+        status, tr = raw(kube_api, "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/rlp-operator/token",
+                         {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                          "spec": {"expirationSeconds": 3600}})  # fmt: skip
+        assert status == 201, tr
+        cfg = json.loads(Path(control_plane.kubeconfig).read_text())
+        cfg["users"] = [{"name": "admin", "user": {"token": tr["status"]["token"]}}]
+        kubeconfig = tmp_path / "operator-kubeconfig"
+        kubeconfig.write_text(json.dumps(cfg))
+
+        r = ClusterRig(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path)
+        r.operator = OperatorProcess(kubeconfig, namespaces=[namespace], log_path=tmp_path / "op.log",
+                                     backoff_base=0.2)  # fmt: skip
+        r.operator.start()
+        try:
+            spec = r.spec(rewardLearning={"strategy": "none"}, phases={"optimize": {"nodes": 2}})
+            r.create_run("least", spec)
+            r.run_phase("least", "generate", exit_code=2, attempt=1)
+            r.run_phase("least", "generate", attempt=2)
+            job = r.wait_phase_running("least", "optimize")
+            assert r.core.read_namespaced_service(job, namespace).spec.cluster_ip == "None"
+            r.patch_run("least", {"spec": {"suspend": True}})
+            r.wait_run("least", lambda s: s.get("phase") == "Suspended")
+            r.patch_run("least", {"spec": {"suspend": False}})
+            job = r.wait_phase_running("least", "optimize", attempt=2)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # both pods of the 2-node phase run
+                pods = [p for p in r.pods_of(job) if (p.get("status") or {}).get("phase") == "Running"]
+                if len(pods) == 2:
+                    break
+                time.sleep(0.05)
+            assert len(pods) == 2, r.pods_of(job)
+            env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
+            assert env["MASTER_ADDR"] == f"{job}-0.{job}" and env["NNODES"] == "2"
+            r.write_manifest("least", "optimize")
+            for pod in pods:
+                r.finish_pod(pod["metadata"]["name"])
+            r.run_phase("least", "evaluate")
+            r.wait_run("least", lambda s: s.get("phase") == "Succeeded")
+            r.custom.delete_namespaced_custom_object("rlp.dev", "v1alpha1", namespace, "rlpruns", "least")
+            deadline = time.monotonic() + 20
+            while r.get_run("least") is not None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert r.get_run("least") is None
+            m = r.operator.metrics()
+            assert m.get(("rlp_reconcile_errors_total", (("handler", "reconcile"),)), 0) == 0
+            assert "forbidden" not in r.operator.log_path.read_text().lower(), r.operator.tail(40)
+            assert not [x for x in r.operator.log_records() if x["level"] == "error"], r.operator.tail(40)
+        finally:
+            r.operator.kill()
+    finally:
+        rbac.delete_cluster_role_binding(f"rlp-operator-{namespace}")
+        rbac.delete_cluster_role(role["metadata"]["name"])

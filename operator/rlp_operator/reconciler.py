@@ -561,7 +561,7 @@ class Reconciler:
         step.event(
             self,
             "Normal",
-            "PhaseStarted" if attempt == 1 else "PhaseRetried",
+            "PhaseRetried" if retry else "PhaseStarted",
             f"{phase} (round {round_}) attempt {attempt}: {verb} Job {job}",
         )
         return False
