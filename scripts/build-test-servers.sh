@@ -20,7 +20,7 @@ KWOK_VERSION=0.8.0
 VERSITYGW_VERSION=1.8.0
 HELM_VERSION=4.3.1
 PROMETHEUS_VERSION=0.316.0  # Go module version of github.com/prometheus/prometheus (promtool only)
-GO_TOOLCHAIN=go1.26.8       # fetched (as a Go module) through GOTOOLCHAIN when the installed go is older than 1.26
+GO_TOOLCHAIN=go1.26.8       # fetched as a Go module (golang.org/toolchain) when the installed go is older than 1.26
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_versitygw-${VERSITYGW_VERSION}_helm-${HELM_VERSION}_prom-${PROMETHEUS_VERSION}"
@@ -38,7 +38,7 @@ find_go() {
     if [[ -n "${RLP_GO:-}" ]]; then echo "$RLP_GO"; return; fi
     if command -v go >/dev/null 2>&1; then command -v go; return; fi
     if [[ -x /usr/local/go/bin/go ]]; then echo /usr/local/go/bin/go; return; fi
-    # No Go at all: take Debian's and let it fetch the pinned toolchain (a Go module) itself.
+    # No Go at all: take Debian's (1.19 on bookworm), only to fetch the pinned toolchain below.
     log "no go command found; installing Debian's golang-go"
     local sudo=""
     [[ "$(id -u)" == 0 ]] || sudo="sudo"
@@ -46,14 +46,35 @@ find_go() {
     command -v go
 }
 
+go_minor() { GOTOOLCHAIN=local "$1" env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p'; }
+
+# The pinned Go toolchain is itself a Go module (golang.org/toolchain): any go can download it from the
+# module proxy, even one too old to switch toolchains by itself (Go < 1.21). Kept beside the binaries.
+fetch_toolchain() {
+    local old_go="$1" dest="${RLP_TESTBIN_DIR:-$HOME/.cache/rlp-testbin}/${GO_TOOLCHAIN}"
+    if [[ ! -x "${dest}/bin/go" ]]; then
+        local mod="golang.org/toolchain@v0.0.1-${GO_TOOLCHAIN}.$("$old_go" env GOHOSTOS)-$("$old_go" env GOHOSTARCH)"
+        log "fetching the ${GO_TOOLCHAIN} toolchain (module ${mod}) with $("$old_go" version)"
+        local dir
+        dir="$(cd "$(mktemp -d)" && GOTOOLCHAIN=local GOFLAGS=-mod=mod "$old_go" mod download -json "$mod" \
+            | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+        [[ -x "${dir}/bin/go" || -f "${dir}/bin/go" ]] || { log "could not download ${mod}"; exit 1; }
+        rm -rf "${dest}.tmp.$$"
+        cp -R "$dir" "${dest}.tmp.$$"
+        chmod -R u+w "${dest}.tmp.$$"
+        chmod +x "${dest}.tmp.$$"/bin/* "${dest}.tmp.$$"/pkg/tool/*/*
+        rm -rf "$dest"
+        mv "${dest}.tmp.$$" "$dest"
+    fi
+    echo "${dest}/bin/go"
+}
+
 GO="$(find_go)"
-export CGO_ENABLED=0 GOFLAGS="-buildvcs=false"
-go_minor="$(GOTOOLCHAIN=local "$GO" env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')"
-if [[ -z "$go_minor" || "$go_minor" -lt 26 ]]; then
-    export GOTOOLCHAIN="$GO_TOOLCHAIN"
-else
-    export GOTOOLCHAIN=local
+minor="$(go_minor "$GO")"
+if [[ -z "$minor" || "$minor" -lt 26 ]]; then
+    GO="$(fetch_toolchain "$GO")"
 fi
+export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOTOOLCHAIN=local
 info "go: $("$GO" version)"
 
 mkdir -p "$BIN" "$STAGES"
