@@ -122,6 +122,15 @@ def wait_for(
 # work directories and leftovers
 
 
+def _pid_namespace() -> str:
+    """Identifies this PID namespace on this boot: owner pids are only meaningful within it."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return "unknown"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -155,6 +164,14 @@ def reap_leftovers(base: Path | None = None) -> None:
             except OSError:
                 pass
             continue
+        if state.get("pid_namespace") != _pid_namespace():
+            # Another container or an earlier boot: its pids mean nothing here. Only remove it when stale.
+            try:
+                if time.time() - (workdir / _STATE_FILE).stat().st_mtime > 86400:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            except OSError:
+                pass
+            continue
         owner = int(state.get("owner_pid", 0))
         if owner and _pid_alive(owner):
             continue
@@ -173,7 +190,8 @@ class Workdir:
 
     def _save(self) -> None:
         tmp = self.path / (_STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"owner_pid": os.getpid(), "pgids": self._pgids}))
+        state = {"owner_pid": os.getpid(), "pid_namespace": _pid_namespace(), "pgids": self._pgids}
+        tmp.write_text(json.dumps(state))
         tmp.replace(self.path / _STATE_FILE)
 
     def record(self, pgid: int) -> None:
