@@ -62,6 +62,8 @@ class Setting:
     sft_epochs: float = 8
     human_pairs: int = 200
     annotator_flip_rate: float = 0.25
+    rm_epochs: float = 30  # the small human set, trained to convergence
+    reward_learning_epochs: float = 4  # every strategy's retraining budget (passes over its data)
     prompts: int = 256
     samples_per_prompt: int = 8
     eval_prompts: int = 300
@@ -112,10 +114,12 @@ def spec_for(setting: Setting, data: dict[str, str], seed: int, strategy: str = 
         "policy": {"sft": {"demonstrations": data["demonstrations"], "tiny": {"maxPositions": MAX_LENGTH},
                            "training": {"epochs": setting.sft_epochs, "batchSize": 64, "learningRate": 0.003}}},
         "rewardModel": {"humanPreferences": data["preferences"],
-                        "training": {"epochs": 3, "batchSize": 32, "learningRate": 0.001}},
+                        "training": {"epochs": setting.rm_epochs, "batchSize": 32, "learningRate": 0.001}},
         "prompts": data["prompts"],
         "generation": {"samplesPerPrompt": setting.samples_per_prompt, "maxNewTokens": 4},
-        "rewardLearning": {"strategy": strategy},
+        "rewardLearning": {"strategy": strategy, **{
+            key: {"training": {"epochs": setting.reward_learning_epochs, "batchSize": 32, "learningRate": 5e-4}}
+            for key in ("uml", "spg", "ser")}},
         "optimization": {"algorithm": algorithm, "steps": setting.ppo_steps, "rolloutBatchSize": setting.rollout_batch,
                          "miniBatchSize": min(16, setting.rollout_batch), "ppoEpochs": 2, "learningRate": 3e-4,
                          "klCoef": setting.kl_coef, "maxNewTokens": 4, "checkpointEvery": 1000},
