@@ -19,11 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlp_core.data import DataError
-from rlp_core.pipeline import PhaseError, execute_phase
 from rlp_core.spec import SpecError, load_run
-from rlp_core.store import Store, StoreError
-from rlp_core.telemetry import PhaseTelemetry
 
 log = logging.getLogger("rlp.phase")
 
@@ -50,6 +46,12 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
     except SpecError as err:
         print(str(err), file=sys.stderr)
         return 2
+    # the training stack is imported only once the spec is known to be good (a bad spec fails in a second)
+    from rlp_core.data import DataError
+    from rlp_core.pipeline import PhaseError, execute_phase
+    from rlp_core.store import Store, StoreError
+    from rlp_core.telemetry import PhaseTelemetry
+
     if name == "optimize":
         import torch
 
