@@ -567,3 +567,24 @@ def test_multi_node_phase_creates_headless_service(tmp_path):
     h = Harness(tmp_path, base_spec(tmp_path, phases={"generate": {"nodes": 2}}))
     h.reconcile()
     assert [s["metadata"]["name"] for s in h.kube.all(SERVICES, "team")] == ["demo-r1-generate-a1"]
+
+
+def test_missing_storage_secret_is_reported_on_the_run_and_retried(tmp_path):
+    from rlp_operator.kube import SECRETS
+
+    spec = base_spec(tmp_path, storage={"uri": "s3://bucket/p", "endpoint": "http://127.0.0.1:9",
+                                        "secretRef": {"name": "nope"}})  # fmt: skip
+    h = Harness(tmp_path, spec)
+    assert h.reconcile() == pytest.approx(15)
+    st = h.status()
+    ready = st.condition("Ready")
+    assert ready.status == "False" and ready.reason == "StorageUnavailable"
+    assert "Secret team/nope not found" in st.message
+    assert h.jobs() == [] and h.events.reasons().count("StorageUnavailable") == 1
+    h.reconcile()
+    assert h.events.reasons().count("StorageUnavailable") == 1  # not repeated while unchanged
+    assert h.metric("rlp_reconcile_errors_total", handler="store") == 2
+    h.kube.put(SECRETS, "team", {"metadata": {"name": "nope"}, "data": {}})
+    h.reconciler = h.new_reconciler()
+    h.reconcile()
+    assert "lacks key(s) AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in h.status().message

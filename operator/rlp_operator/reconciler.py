@@ -33,7 +33,7 @@ from typing import Any
 
 from rlp_core.manifest import Manifest, phase_prefix, verify_manifest
 from rlp_core.spec import API_GROUP, API_VERSION, KIND, RLPRun, SpecError, parse_run
-from rlp_core.store import Store
+from rlp_core.store import Store, StoreError
 from rlp_operator import workload as wl
 from rlp_operator.crd import LOCKED_FIELDS
 from rlp_operator.kube import CONFIGMAPS, EVENTS, JOBS, PODS, RUNS, SECRETS, SERVICES, Kube, KubeError
@@ -59,6 +59,7 @@ class Settings:
     backoff_max: float = 300.0
     store_cache_seconds: float = 300.0
     stale_job_requeue: float = 2.0
+    storage_retry: float = 15.0  # look again this soon when the store cannot be read
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -286,8 +287,26 @@ class Reconciler:
         except SpecError as e:
             self._fail_run(step, "InvalidSpec", str(e))
             return self._commit(step, None)
-        self._advance(step, run)
+        try:
+            self._advance(step, run)
+        except (StorageCredentialsError, StoreError) as e:
+            # The store is unreachable or the credentials are wrong: say so on the run and look again
+            # later. Decisions taken before the error in this step are real and are kept.
+            self.metrics.error("store")
+            self._storage_unavailable(step, str(e))
         return self._commit(step, run)
+
+    def _storage_unavailable(self, step: _Step, message: str) -> None:
+        st = step.status
+        text = _trim(f"cannot check phase outputs in the store: {message}")
+        if st.message != text:
+            st.message = text
+            step.changed = True
+            step.event(self, "Warning", "StorageUnavailable", text)
+        gen = step.body["metadata"].get("generation")
+        if st.set_condition("Ready", "False", "StorageUnavailable", text, fmt_time(step.now), gen):
+            step.changed = True
+        step.wake(self.settings.storage_retry)
 
     # ---- the state machine ------------------------------------------------------------------------
     def _advance(self, step: _Step, run: RLPRun) -> None:
