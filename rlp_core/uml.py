@@ -143,7 +143,7 @@ def mib_loss_fn(model, heads: MIBHeads, tokenizer, max_length: int, alpha: float
 
 
 def run_refine(ctx) -> dict[str, Any]:
-    from rlp_core.pipeline import RM_DIR
+    from rlp_core.pipeline import RM_DIR, PhaseError
 
     cfg = ctx.spec.reward_learning.uml
     training = cfg.training
@@ -163,6 +163,8 @@ def run_refine(ctx) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"human_pairs": len(train), **accuracies("_before")}
     views = view_pairs(samples, training.epochs, seed)
+    if not views:
+        raise PhaseError("rlp-uml needs two views per prompt: set spec.generation.samplesPerPrompt to 2 or more")
     view_batches = [views[i : i + training.batch_size] for i in range(0, len(views), training.batch_size)]
     human_epochs = len(view_batches) * training.batch_size / max(1, len(train))
     human_batches = minibatches(train, training.batch_size, human_epochs, seed)[: len(view_batches)]
