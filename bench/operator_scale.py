@@ -152,12 +152,19 @@ class Bench:
         self.finish_requested: dict[str, float] = {}  # job -> time the pod finish was requested
         self.job_complete: dict[str, float] = {}  # job -> time Complete was seen
         self.job_seen: dict[str, float] = {}  # job -> time first seen
+        self.pod_succeeded: dict[str, float] = {}  # job -> time its pod was seen Succeeded
         self.handled_pods: set[str] = set()
         self.job_meta: dict[str, tuple[str, int, str]] = {}  # job -> (run, round, phase)
 
     # -- event handlers
     def on_pod(self, type_: str, pod: dict) -> None:
-        if type_ == "DELETED" or (pod.get("status") or {}).get("phase") != "Running":
+        phase = (pod.get("status") or {}).get("phase")
+        if type_ != "DELETED" and phase == "Succeeded":
+            job = pod["metadata"]["labels"].get("batch.kubernetes.io/job-name")
+            with self.lock:
+                self.pod_succeeded.setdefault(job, time.monotonic())
+            return
+        if type_ == "DELETED" or phase != "Running":
             return
         name = pod["metadata"]["name"]
         with self.lock:
@@ -253,7 +260,7 @@ class Bench:
             for job, (run, _round, phase) in self.job_meta.items():
                 if run.startswith(prefix):
                     by_run.setdefault(run, {})[phase] = job
-            transition, reaction = [], []
+            transition, reaction, kwok, jobctl = [], [], [], []
             for run, jobs in by_run.items():
                 for phase, job in jobs.items():
                     i = order[phase]
@@ -266,6 +273,10 @@ class Bench:
                         transition.append(self.job_seen[nxt] - self.finish_requested[job])
                     if job in self.job_complete:
                         reaction.append(self.job_seen[nxt] - self.job_complete[job])
+                    if job in self.pod_succeeded and job in self.finish_requested:
+                        kwok.append(self.pod_succeeded[job] - self.finish_requested[job])
+                        if job in self.job_complete:
+                            jobctl.append(self.job_complete[job] - self.pod_succeeded[job])
         m = operator.metrics()
         errors = sum(v for (name, _), v in m.items() if name == "rlp_reconcile_errors_total")
         retries = sum(v for (name, _), v in m.items() if name == "rlp_phase_retries_total")
@@ -283,6 +294,10 @@ class Bench:
             "trans_p99": pct(transition, 0.99),
             "react_p50": pct(reaction, 0.5),
             "react_p99": pct(reaction, 0.99),
+            "kwok_p50": pct(kwok, 0.5),
+            "kwok_p99": pct(kwok, 0.99),
+            "jobctl_p50": pct(jobctl, 0.5),
+            "jobctl_p99": pct(jobctl, 0.99),
             "transitions": len(transition),
             "cpu_s": cpu,
             "cpu_pct": 100 * cpu / wall if wall else 0,
@@ -294,7 +309,8 @@ class Bench:
 
 def table(results: list[dict]) -> str:
     head = ("| N runs | phases/run | succeeded | apply (s) | all Succeeded (s) | apply→Succeeded p50 / p99 / max (s) "
-            "| phase transition p50 / p99 (s) | operator reaction p50 / p99 (s) | operator CPU (s) | CPU % | "
+            "| phase transition p50 / p99 (s) | of which kwok | of which Job controller "
+            "| operator reaction p50 / p99 (s) | operator CPU (s) | CPU % | "
             "peak RSS (MiB) | reconcile errors |")  # fmt: skip
     sep = "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"
     rows = [head, sep]
@@ -302,6 +318,7 @@ def table(results: list[dict]) -> str:
         rows.append(
             f"| {r['n']} | {r['phases']} | {r['succeeded']}/{r['n']} | {r['apply_s']:.1f} | {r['wall_s']:.1f} | "
             f"{r['p50_s']:.1f} / {r['p99_s']:.1f} / {r['max_s']:.1f} | {r['trans_p50']:.2f} / {r['trans_p99']:.2f} | "
+            f"{r['kwok_p50']:.2f} / {r['kwok_p99']:.2f} | {r['jobctl_p50']:.2f} / {r['jobctl_p99']:.2f} | "
             f"{r['react_p50']:.2f} / {r['react_p99']:.2f} | {r['cpu_s']:.1f} | {r['cpu_pct']:.0f} | "
             f"{r['rss_mb']:.0f} | {int(r['errors'])} |"
         )
@@ -381,6 +398,8 @@ end the pod.
 - *apply→Succeeded*: from the create call returning to the run's Succeeded status seen on a watch.
 - *phase transition*: from the driver asking kwok to end a phase's pod to the next phase's Job appearing
   (kwok, the Job controller and the operator together).
+- *of which kwok*: finish requested → the pod seen Succeeded; *of which Job controller*: pod Succeeded →
+  the Job's `Complete` condition seen (kube-controller-manager batches pod updates, about 1 s).
 - *operator reaction*: from the Job's `Complete` condition appearing to the next phase's Job appearing:
   the operator's own share (watch event, reconcile with S3 manifest check, status write, Job create).
 - *operator CPU / peak RSS*: user+system CPU seconds of the operator process over the batch (CPU % = of

@@ -14,7 +14,7 @@ import kopf
 from rlp_operator.kube import Kube
 from rlp_operator.logs import setup_logging
 from rlp_operator.metrics import OperatorMetrics
-from rlp_operator.reconciler import Reconciler, Settings
+from rlp_operator.reconciler import EventRecorder, Reconciler, Settings
 from rlp_operator.runtime import HealthServer, WorkQueue, build_registry
 
 log = logging.getLogger("rlp_operator")
@@ -70,7 +70,8 @@ async def run_operator(args: argparse.Namespace) -> None:
     workers = max(args.workers, 1)
     kube = Kube(pool_size=workers + 4)
     metrics = OperatorMetrics()
-    reconciler = Reconciler(kube, metrics=metrics, settings=settings)
+    events = EventRecorder(kube, background=True)
+    reconciler = Reconciler(kube, metrics=metrics, settings=settings, events=events)
     executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="rlp-reconcile")
     queue = WorkQueue(reconciler.reconcile, workers=workers, executor=executor, metrics=metrics)
     registry = build_registry(queue, reconciler, metrics)
@@ -94,6 +95,7 @@ async def run_operator(args: argparse.Namespace) -> None:
     finally:
         resync.cancel()
         await queue.stop()
+        events.flush()
         await health.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         kube.close()

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -170,14 +171,51 @@ class StorageCredentialsError(RuntimeError):
 
 
 class EventRecorder:
-    """Posts core/v1 Events about a run (one per transition). Failures are logged, never raised."""
+    """Posts core/v1 Events about a run (one per transition). Failures are logged, never raised.
 
-    def __init__(self, kube: Kube, component: str = "rlp-operator"):
+    With `background=True` events are posted in order by one background thread, so a reconcile never
+    waits on them (they are informative; at most `max_pending` wait, then new ones are dropped and logged).
+    """
+
+    def __init__(self, kube: Kube, component: str = "rlp-operator", *, background: bool = False,
+                 max_pending: int = 10000):  # fmt: skip
         self.kube = kube
         self.component = component
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+        self._queue: queue.Queue | None = None
+        if background:
+            self._queue = queue.Queue(max_pending)
+            threading.Thread(target=self._drain, name="rlp-events", daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            args = self._queue.get()
+            self._post(*args)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (briefly) until queued events are posted."""
+        deadline = time.monotonic() + timeout
+        while self._queue is not None and self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def post(self, run_body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        if self._queue is None:
+            self._post(run_body, type_, reason, message)
+            return
+        try:
+            self._queue.put_nowait((run_body, type_, reason, message))
+        except queue.Full:
+            log.warning("event queue full; dropped event %s", reason, extra={"run": run_body["metadata"]["name"]})
+
+    def _post(self, run_body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            self._create(run_body, type_, reason, message)
+        finally:
+            if self._queue is not None:
+                self._queue.task_done()
+
+    def _create(self, run_body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = run_body["metadata"]
         now = fmt_time(utcnow())
         event = {
@@ -260,6 +298,7 @@ class Reconciler:
         self.events = events or EventRecorder(kube)
         self.clock = clock
         self.own_writes: dict[tuple[str, str], str] = {}  # resourceVersion of our last status write
+        self._configmaps: dict[tuple[str, str], str] = {}  # (uid, generation) -> namespace/name ensured
 
     # ---- entry point ------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> float | None:
@@ -548,7 +587,7 @@ class Reconciler:
             return False
         job_body, service = wl.render_job(run, rec.round, rec.name, attempt, owner, annotations)
         job = job_body["metadata"]["name"]
-        self._ensure_configmap(run, owner)
+        self._ensure_configmap(run, owner, step.body["metadata"].get("generation"))
         if service is not None:
             try:
                 self.kube.create(SERVICES, ns, service)
@@ -585,19 +624,25 @@ class Reconciler:
         )
         return False
 
-    def _ensure_configmap(self, run: RLPRun, owner: dict[str, Any]) -> None:
+    def _ensure_configmap(self, run: RLPRun, owner: dict[str, Any], generation: int | None) -> None:
+        """The run's spec ConfigMap, up to date (checked once per generation per process)."""
+        key = (owner["uid"], str(generation))
+        if key in self._configmaps:
+            return
         cm = wl.render_configmap(run, owner)
         ns, cm_name = run.metadata.namespace, cm["metadata"]["name"]
         try:
             self.kube.create(CONFIGMAPS, ns, cm)
-            return
         except KubeError as e:
             if not e.conflict:
                 raise
-        existing = self.kube.get(CONFIGMAPS, ns, cm_name)
-        if existing is not None and existing.get("data") != cm["data"]:
-            cm["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-            self.kube.replace(CONFIGMAPS, ns, cm_name, cm)
+            existing = self.kube.get(CONFIGMAPS, ns, cm_name)
+            if existing is not None and existing.get("data") != cm["data"]:
+                cm["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                self.kube.replace(CONFIGMAPS, ns, cm_name, cm)
+        if len(self._configmaps) > 100_000:
+            self._configmaps.clear()
+        self._configmaps[key] = f"{ns}/{cm_name}"
 
     # ---- run-level state --------------------------------------------------------------------------
     def _summarize(self, step: _Step, run: RLPRun, was: str | None) -> None:
