@@ -88,6 +88,7 @@ OPERATOR_NEEDS = {
     ("", "secrets", "get"),
 }  # fmt: skip
 CRD_OBSERVER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+NAMESPACE_OBSERVER = {("", "namespaces", v) for v in ("list", "watch")}  # kopf, when not watching all namespaces
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def test_cluster_scope_grants_exactly_what_the_operator_calls():
     assert not by_kind(objs, "Role")
 
 
-def test_namespaced_scope_has_a_role_per_namespace_and_reads_only_crds_cluster_wide():
+def test_namespaced_scope_has_a_role_per_namespace_and_reads_only_crds_and_namespaces_cluster_wide():
     objs = render(set_={"watchNamespaces[0]": "team-a", "watchNamespaces[1]": "team-b"})
     roles = by_kind(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
@@ -296,14 +297,13 @@ def test_namespaced_scope_has_a_role_per_namespace_and_reads_only_crds_cluster_w
     for b in bindings:
         assert b["subjects"][0]["namespace"] == "rlp-system"
     (cluster_role,) = by_kind(objs, "ClusterRole")
-    assert rules_of(cluster_role) == CRD_OBSERVER
+    assert rules_of(cluster_role) == CRD_OBSERVER | NAMESPACE_OBSERVER
 
 
 def test_namespace_patterns_need_cluster_scope_and_namespace_watch():
     objs = render(set_={"watchNamespaces[0]": "team-*"})
     assert not by_kind(objs, "Role")
-    assert rules_of(one(objs, "ClusterRole")) == OPERATOR_NEEDS | CRD_OBSERVER | {
-        ("", "namespaces", "list"), ("", "namespaces", "watch")}  # fmt: skip
+    assert rules_of(one(objs, "ClusterRole")) == OPERATOR_NEEDS | CRD_OBSERVER | NAMESPACE_OBSERVER
 
 
 def test_rbac_can_be_left_to_the_cluster_admin():

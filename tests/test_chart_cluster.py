@@ -1,0 +1,396 @@
+"""charts/rlp-operator against the real test apiserver.
+
+- The rendered manifests (default and full values; the Prometheus Operator's real CRDs installed for the
+  monitors) are applied with server-side apply, and the examples/ pass the CRD schema (dry-run apply).
+- The operator ServiceAccount's rights, as the chart grants them, are checked verb by verb with
+  SubjectAccessReviews and impersonated calls: what the operator calls is allowed, the rest is forbidden.
+- A full RLPRun (a failed and retried attempt, a multi-node phase, deletion with cleanup) is driven by the
+  real operator process authenticated as the chart's ServiceAccount (a TokenRequest token), and its
+  /metrics are scraped to cross-check the dashboard's and the alerts' metric names.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from operator_fixtures import ClusterRig, OperatorProcess, raw
+
+from infra.kube import wait_until
+from infra.tools import prometheus_operator_crds
+from test_chart import CHART, CRD_OBSERVER, EXAMPLES, FULL_VALUES, OPERATOR_NEEDS, by_kind, one, render
+from test_dashboard import (
+    ALERTS,
+    check_names_exported,
+    dashboard,
+    dashboard_queries,
+    exported_names,
+    phase_metrics_endpoint,
+    scrape,
+)
+
+pytestmark = pytest.mark.cluster
+
+FIELD_MANAGER = "rlp-chart-test"
+
+# kind -> (API path prefix, plural, namespaced)
+RESOURCES = {
+    "CustomResourceDefinition": ("/apis/apiextensions.k8s.io/v1", "customresourcedefinitions", False),
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "Service": ("/api/v1", "services", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "Secret": ("/api/v1", "secrets", True),
+    "Namespace": ("/api/v1", "namespaces", False),
+    "Deployment": ("/apis/apps/v1", "deployments", True),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets", True),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+    "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors", True),
+    "PodMonitor": ("/apis/monitoring.coreos.com/v1", "podmonitors", True),
+    "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules", True),
+    "KopfPeering": ("/apis/kopf.dev/v1", "kopfpeerings", True),
+    "ClusterKopfPeering": ("/apis/kopf.dev/v1", "clusterkopfpeerings", False),
+    "RLPRun": ("/apis/rlp.dev/v1alpha1", "rlpruns", True),
+}
+
+
+def object_path(obj: dict[str, Any], namespace: str | None = None) -> str:
+    prefix, plural, namespaced = RESOURCES[obj["kind"]]
+    name = obj["metadata"]["name"]
+    if namespaced:
+        ns = obj["metadata"].get("namespace") or namespace
+        assert ns, f"{obj['kind']}/{name} has no namespace"
+        return f"{prefix}/namespaces/{ns}/{plural}/{name}"
+    return f"{prefix}/{plural}/{name}"
+
+
+def apply(api, obj: dict[str, Any], *, namespace: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Server-side apply (PATCH application/apply-patch+yaml, force) as the test admin."""
+    query = f"fieldManager={FIELD_MANAGER}&force=true" + ("&dryRun=All" if dry_run else "")
+    status, body = raw(api, "PATCH", object_path(obj, namespace), json.dumps(obj), query=query,
+                       content_type="application/apply-patch+yaml")  # fmt: skip
+    assert status in (200, 201), f"apply {obj['kind']}/{obj['metadata']['name']}: {status} {body}"
+    return body
+
+
+def delete(api, obj: dict[str, Any], namespace: str | None = None) -> None:
+    status, body = raw(api, "DELETE", object_path(obj, namespace))
+    assert status in (200, 202, 404), f"delete {obj['kind']}/{obj['metadata']['name']}: {status} {body}"
+
+
+def wait_established(api, names: list[str]) -> None:
+    def established() -> bool:
+        for name in names:
+            status, crd = raw(api, "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conds = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions", [])}
+            if conds.get("Established") != "True":
+                return False
+        return True
+
+    wait_until(established, timeout=30, what=f"CRDs {names} established")
+
+
+@pytest.fixture(scope="module")
+def chart_crds(kube_api):
+    """The chart's CRDs (crds/) and the Prometheus Operator's ServiceMonitor/PodMonitor/PrometheusRule CRDs,
+    server-side applied to the session's apiserver (left installed: cluster-wide, shared, harmless)."""
+    crds = by_kind(render(crds=True), "CustomResourceDefinition")
+    for path in prometheus_operator_crds():
+        crds.append(yaml.safe_load(path.read_text()))
+    for crd in crds:
+        apply(kube_api, crd)
+    wait_established(kube_api, [c["metadata"]["name"] for c in crds])
+    # the new kinds are served once discovery caught up
+    for prefix, plural in (("/apis/monitoring.coreos.com/v1", "servicemonitors"), ("/apis/kopf.dev/v1", "kopfpeerings"),
+                           ("/apis/rlp.dev/v1alpha1", "rlpruns")):  # fmt: skip
+        wait_until(lambda: raw(kube_api, "GET", f"{prefix}/{plural}")[0] == 200, timeout=30, what=f"{plural} served")
+    return crds
+
+
+class Release:
+    """A chart release applied object by object with server-side apply; removed on exit (cluster-scoped
+    objects explicitly, namespaced ones with their namespaces)."""
+
+    def __init__(self, api, namespace: str, *values: dict[str, Any] | Path, tmp_path: Path):
+        self.api = api
+        self.namespace = namespace
+        self.name = f"rlp-{uuid.uuid4().hex[:6]}"
+        files = []
+        for i, v in enumerate(values):
+            if isinstance(v, dict):
+                path = tmp_path / f"values-{self.name}-{i}.yaml"
+                path.write_text(yaml.safe_dump(v))
+                v = path
+            files.append(v)
+        override = tmp_path / f"values-{self.name}-name.yaml"
+        override.write_text(yaml.safe_dump({"fullnameOverride": self.name}))
+        self.objects = render(*files, override, release=self.name, namespace=namespace)
+        self.applied: list[dict[str, Any]] = []
+
+    def __enter__(self) -> Release:
+        try:
+            for obj in self.objects:
+                self.applied.append(apply(self.api, obj, namespace=self.namespace))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for obj in self.objects:
+            if not RESOURCES[obj["kind"]][2]:
+                delete(self.api, obj)
+
+    @property
+    def service_account(self) -> str:
+        return one(self.objects, "ServiceAccount")["metadata"]["name"]
+
+    @property
+    def user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+
+@pytest.fixture
+def extra_namespace(kube_api):
+    """A second fresh namespace (the operator's own, or one it must not touch); deleted after."""
+    names = []
+
+    def make(prefix: str = "t-rlp-x") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        apply(kube_api, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"rlp.dev/test": "true"}}})
+        names.append(name)
+        return name
+
+    yield make
+    for name in names:
+        raw(kube_api, "DELETE", f"/api/v1/namespaces/{name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# access reviews
+
+
+def can(api, user: str, verb: str, group: str, resource: str, namespace: str = "") -> bool:
+    """SubjectAccessReview: may this ServiceAccount do it?"""
+    resource, _, sub = resource.partition("/")
+    sa_ns = user.split(":")[2]
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{sa_ns}", "system:authenticated"],
+            "resourceAttributes": {"verb": verb, "group": group, "resource": resource, "subresource": sub,
+                                   "namespace": namespace},  # fmt: skip
+        },
+    }
+    status, body = raw(api, "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+    assert status == 201, body
+    return bool(body["status"].get("allowed"))
+
+
+def denied(api, user: str, checks: list[tuple[str, str, str, str]]) -> list[tuple]:
+    return [c for c in checks if can(api, user, *c)]
+
+
+# Never the operator's business, wherever it runs.
+FORBIDDEN_ANYWHERE = [
+    ("list", "", "secrets"), ("watch", "", "secrets"), ("create", "", "secrets"), ("update", "", "secrets"),
+    ("delete", "", "secrets"),
+    ("create", "", "pods/exec"), ("create", "", "pods/attach"), ("create", "", "pods/portforward"),
+    ("create", "", "pods"), ("delete", "", "pods"), ("get", "", "pods/log"),
+    ("create", "", "serviceaccounts/token"), ("create", "", "serviceaccounts"),
+    ("create", "rbac.authorization.k8s.io", "roles"), ("create", "rbac.authorization.k8s.io", "rolebindings"),
+    ("bind", "rbac.authorization.k8s.io", "roles"), ("escalate", "rbac.authorization.k8s.io", "roles"),
+    ("create", "apps", "deployments"), ("create", "apps", "daemonsets"), ("patch", "batch", "jobs"),
+    ("update", "batch", "jobs"), ("create", "rlp.dev", "rlpruns"), ("update", "rlp.dev", "rlpruns"),
+    ("impersonate", "", "serviceaccounts"),
+]  # fmt: skip
+FORBIDDEN_CLUSTER = [
+    ("delete", "", "nodes"), ("patch", "", "nodes"), ("list", "", "secrets"), ("watch", "", "secrets"),
+    ("create", "rbac.authorization.k8s.io", "clusterroles"), ("create", "rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("escalate", "rbac.authorization.k8s.io", "clusterroles"), ("delete", "", "namespaces"),
+    ("create", "apiextensions.k8s.io", "customresourcedefinitions"),
+    ("update", "apiextensions.k8s.io", "customresourcedefinitions"),
+    ("delete", "apiextensions.k8s.io", "customresourcedefinitions"),
+    ("create", "admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
+    ("create", "certificates.k8s.io", "certificatesigningrequests"),
+    ("impersonate", "", "users"), ("create", "", "persistentvolumes"),
+]  # fmt: skip
+
+
+def _needs() -> list[tuple[str, str, str]]:
+    return sorted((verb, group, resource) for group, resource, verb in OPERATOR_NEEDS)
+
+
+def test_default_values_cluster_scope_rbac_is_enough_and_no_more(kube_api, chart_crds, namespace, tmp_path):
+    with Release(kube_api, namespace, tmp_path=tmp_path) as rel:
+        assert by_kind(rel.objects, "ClusterRole") and not by_kind(rel.objects, "Role")
+        user = rel.user
+        # everything the operator calls, in any namespace (here: the test's)
+        missing = [(v, g, r) for v, g, r in _needs() if not can(kube_api, user, v, g, r, namespace)]
+        assert not missing, f"operator lacks {missing}"
+        missing = [(v, g, r) for g, r, v in sorted(CRD_OBSERVER) if not can(kube_api, user, v, g, r)]
+        assert not missing
+        # nothing else
+        assert not denied(kube_api, user, [(v, g, r, namespace) for v, g, r in FORBIDDEN_ANYWHERE])
+        assert not denied(kube_api, user, [(v, g, r, "") for v, g, r in FORBIDDEN_CLUSTER])
+        # the Deployment was accepted as rendered
+        deploy = next(o for o in rel.applied if o["kind"] == "Deployment")
+        assert deploy["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_full_values_apply_and_namespaced_rbac_stays_in_its_namespaces(kube_api, chart_crds, namespace, extra_namespace,
+                                                                       tmp_path):  # fmt: skip
+    operator_ns = extra_namespace("t-rlp-sys")
+    outside = extra_namespace("t-rlp-out")
+    with Release(kube_api, operator_ns, FULL_VALUES, {"watchNamespaces": [namespace]}, tmp_path=tmp_path) as rel:
+        kinds = {o["kind"] for o in rel.applied}
+        # every optional object went through the real schemas (Prometheus Operator CRDs, kopf's, core)
+        assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "KopfPeering", "PodDisruptionBudget", "Role",
+                "RoleBinding", "ConfigMap", "Deployment", "Service"} <= kinds  # fmt: skip
+        rule = next(o for o in rel.applied if o["kind"] == "PrometheusRule")
+        assert [g["name"] for g in rule["spec"]["groups"]][0] == "rlp-configured"
+        user = rel.user
+        missing = [(v, g, r) for v, g, r in _needs() if not can(kube_api, user, v, g, r, namespace)]
+        assert not missing, f"operator lacks {missing} in its watched namespace"
+        for verb in ("get", "list", "watch", "patch"):
+            assert can(kube_api, user, verb, "kopf.dev", "kopfpeerings", namespace)
+        # nothing outside the watched namespace: not in another, not in its own, not cluster-wide
+        for ns in (outside, operator_ns):
+            allowed = [(v, g, r) for v, g, r in _needs() if can(kube_api, user, v, g, r, ns)]
+            assert not allowed, f"operator may {allowed} in {ns}"
+        assert not denied(kube_api, user, [(v, g, r, namespace) for v, g, r in FORBIDDEN_ANYWHERE])
+        cluster_wide = [(v, g, r) for v, g, r in _needs() if can(kube_api, user, v, g, r, "")]
+        assert not cluster_wide, f"operator may {cluster_wide} cluster-wide"
+        assert not denied(kube_api, user, [(v, g, r, "") for v, g, r in FORBIDDEN_CLUSTER])
+        assert not can(kube_api, user, "list", "kopf.dev", "clusterkopfpeerings")
+        for verb in ("list", "watch"):  # kopf matches the watched namespaces; nothing else cluster-wide
+            assert can(kube_api, user, verb, "", "namespaces")
+
+
+def test_examples_pass_the_crd_schema(kube_api, chart_crds, namespace):
+    for name in ("s3-secret.yaml", "gpu-small.yaml", "multinode-optimize.yaml"):
+        for doc in yaml.safe_load_all((EXAMPLES / name).read_text()):
+            out = apply(kube_api, doc, namespace=namespace, dry_run=True)
+            assert out["metadata"]["namespace"] == namespace
+            if doc["kind"] == "RLPRun":
+                # the apiserver's defaults and the pydantic model agree on the example
+                from rlp_core.spec import parse_run
+
+                assert parse_run(out).spec == parse_run(doc).spec
+
+
+# --------------------------------------------------------------------------------------------------
+# a full run with the chart's RBAC
+
+
+def service_account_kubeconfig(api, control_plane, namespace: str, sa: str, path: Path) -> Path:
+    status, body = raw(api, "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token",
+                       {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                        "spec": {"expirationSeconds": 3600}})  # fmt: skip
+    assert status == 201, body
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": control_plane.server,
+                                                  "certificate-authority": str(control_plane.ca_file)}}],
+        "users": [{"name": sa, "user": {"token": body["status"]["token"]}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": sa, "namespace": namespace}}],
+        "current-context": "sa",
+    }  # fmt: skip
+    path.write_text(json.dumps(cfg))
+    path.chmod(0o600)
+    return path
+
+
+def impersonated(control_plane, user: str):
+    api = control_plane.api_client()
+    api.default_headers["Impersonate-User"] = user
+    return api
+
+
+def finish_all_pods(rig: ClusterRig, run: str, phase: str, exit_code: int = 0, attempt: int | None = None) -> str:
+    """Like ClusterRig.run_phase, for phases of several pods: every pod of the Job ends with exit_code."""
+    job = rig.wait_phase_running(run, phase, attempt=attempt)
+    want = rig.batch.read_namespaced_job(job, rig.ns).spec.completions
+
+    def running():
+        pods = [p for p in rig.pods_of(job)
+                if (p.get("status") or {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        return pods if len(pods) >= want else None
+
+    pods = wait_until(running, timeout=30, what=f"{want} running pod(s) of {job}")
+    if exit_code == 0:
+        rig.write_manifest(run, phase)
+    for pod in pods:
+        rig.finish_pod(pod["metadata"]["name"], exit_code)
+    return job
+
+
+def test_operator_runs_a_full_rlprun_with_only_the_charts_rbac(control_plane, kube_api, chart_crds, namespace,
+                                                               extra_namespace, s3_server, s3_bucket, tmp_path):  # fmt: skip
+    operator_ns = extra_namespace("t-rlp-sys")
+    with Release(kube_api, operator_ns, {"watchNamespaces": [namespace]}, tmp_path=tmp_path) as rel:
+        # impersonated calls as the operator's ServiceAccount: real 403s, not just reviews
+        sa_api = impersonated(control_plane, rel.user)
+        try:
+            assert raw(sa_api, "GET", f"/apis/rlp.dev/v1alpha1/namespaces/{namespace}/rlpruns")[0] == 200
+            assert raw(sa_api, "GET", f"/api/v1/namespaces/{namespace}/secrets")[0] == 403
+            assert raw(sa_api, "GET", "/api/v1/secrets")[0] == 403
+            assert raw(sa_api, "GET", f"/apis/rlp.dev/v1alpha1/namespaces/{operator_ns}/rlpruns")[0] == 403
+            assert raw(sa_api, "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")[0] == 200
+        finally:
+            sa_api.close()
+
+        kubeconfig = service_account_kubeconfig(kube_api, control_plane, operator_ns, rel.service_account,
+                                                tmp_path / "operator.kubeconfig")  # fmt: skip
+        rig = ClusterRig(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path)
+        rig.operator = OperatorProcess(kubeconfig, namespaces=[namespace], log_path=tmp_path / "operator-sa.log",
+                                       backoff_base=0.3)  # fmt: skip
+        rig.operator.start()
+        try:
+            spec = rig.spec(phases={"optimize": {"nodes": 2, "gpusPerPod": 1}})  # a headless Service too
+            rig.create_run("chart-rbac", spec)
+            finish_all_pods(rig, "chart-rbac", "generate", exit_code=1, attempt=1)  # fails: pods are read
+            for phase in ("generate", "refine", "synthesize", "optimize", "evaluate"):
+                finish_all_pods(rig, "chart-rbac", phase, attempt=2 if phase == "generate" else None)
+            st = rig.wait_run("chart-rbac", lambda s: s.get("phase") == "Succeeded", timeout=60, what="Succeeded")
+            gen = next(p for p in st["phases"] if p["name"] == "generate")
+            assert gen["attempts"] == 2 and gen["failures"] == 1
+            reasons = rig.event_reasons("chart-rbac")  # Events were posted with the chart's rights
+            assert "PhaseRetried" in reasons and reasons[-1] == "Succeeded"
+            services = raw(kube_api, "GET", f"/api/v1/namespaces/{namespace}/services",
+                           query="labelSelector=rlp.dev/run=chart-rbac")[1]["items"]  # fmt: skip
+            assert len(services) == 1
+
+            # the real operator's scrape carries every operator metric the dashboard and the alerts name
+            operator_names = exported_names(scrape(rig.operator.url("/metrics")))
+            with phase_metrics_endpoint() as url:
+                phase_names = exported_names(scrape(url))
+            exported = operator_names | phase_names
+            rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+            queries = dashboard_queries(dashboard()) + [(r.get("alert") or r["record"], r["expr"]) for r in rules]
+            problems = check_names_exported(queries, exported)
+            assert not problems, "\n".join(problems)
+            assert {"rlp_runs", "rlp_run_info", "rlp_phase_duration_seconds_bucket", "rlp_phase_retries_total",
+                    "rlp_phase_transitions_total", "rlp_reconcile_errors_total"} <= operator_names  # fmt: skip
+
+            # deleting the run: the finalizer's cleanup lists and deletes Jobs, Services and ConfigMaps
+            raw(kube_api, "DELETE", f"/apis/rlp.dev/v1alpha1/namespaces/{namespace}/rlpruns/chart-rbac")
+            wait_until(lambda: rig.get_run("chart-rbac") is None, timeout=30, what="run deleted")
+            assert not rig.jobs("chart-rbac")
+        finally:
+            rig.operator.kill()
+        log = (tmp_path / "operator-sa.log").read_text(errors="replace")
+        # no request of the operator's (or kopf's) was refused
+        forbidden = [line for line in log.splitlines()
+                     if "403" in line or "forbidden" in line.lower() or "permission" in line.lower()]
+        assert not forbidden, "\n".join(forbidden[:20])
