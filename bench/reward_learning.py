@@ -263,7 +263,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "probe_sft": col("rm_probe_accuracy_sft_policy"), "probe_own": col("rm_probe_accuracy_own_policy"),
             "held_out": col("rm_accuracy_held_out"),
             "synthetic": mean_ci([x.get("synthetic_pairs", x.get("self_labelled_pairs")) for x in rl]),
-            "synthetic_gold": mean_ci([x.get("synthetic_pairs_gold_accuracy") for x in rl]),
+            "synthetic_gold": mean_ci([x.get("synthetic_pairs_gold_accuracy", x.get("self_labelled_pairs_gold_accuracy"))
+                                       for x in rl]),
         })
     return table
 

@@ -141,4 +141,5 @@ def run_ser(ctx) -> dict[str, Any]:
     ctx.telemetry.set_accuracy("held_out", metrics["rm_accuracy_held_out"])
     if gold is not None:
         metrics["rm_accuracy_policy_gold"], _ = gold_accuracy(model, tokenizer, samples, gold, ctx.max_length)
+        metrics["self_labelled_pairs_gold_accuracy"] = gold_agreement(list(labelled.values()), gold)
     return metrics
