@@ -80,6 +80,18 @@ def apply(api, obj: dict[str, Any], *, namespace: str | None = None, dry_run: bo
     return body
 
 
+def apply_warnings(api, obj: dict[str, Any], namespace: str) -> list[str]:
+    """Server-side apply that returns the apiserver's Warning headers (e.g. Pod Security warnings)."""
+    headers = {"Accept": "application/json", "Content-Type": "application/apply-patch+yaml"}
+    _, url, headers, _, _ = api.param_serialize(method="PATCH", resource_path=object_path(obj, namespace),
+                                                header_params=headers, auth_settings=["BearerToken"])  # fmt: skip
+    resp = api.call_api("PATCH", url + f"?fieldManager={FIELD_MANAGER}&force=true", header_params=headers,
+                        body=json.dumps(obj))  # fmt: skip
+    body = resp.read()
+    assert resp.status in (200, 201), f"apply {obj['kind']}/{obj['metadata']['name']}: {resp.status} {body!r}"
+    return list(resp.response.headers.get_all("Warning") or [])
+
+
 def delete(api, obj: dict[str, Any], namespace: str | None = None) -> None:
     status, body = raw(api, "DELETE", object_path(obj, namespace))
     assert status in (200, 202, 404), f"delete {obj['kind']}/{obj['metadata']['name']}: {status} {body}"
@@ -274,6 +286,26 @@ def test_full_values_apply_and_namespaced_rbac_stays_in_its_namespaces(kube_api,
         assert not can(kube_api, user, "list", "kopf.dev", "clusterkopfpeerings")
         for verb in ("list", "watch"):  # kopf matches the watched namespaces; nothing else cluster-wide
             assert can(kube_api, user, verb, "", "namespaces")
+
+
+def test_operator_pod_meets_the_restricted_pod_security_standard(kube_api, extra_namespace):
+    """The apiserver's PodSecurity admission (warn=restricted) has nothing to say about the Deployment."""
+    ns = extra_namespace("t-rlp-pss")
+    raw(kube_api, "PATCH", f"/api/v1/namespaces/{ns}",
+        {"metadata": {"labels": {"pod-security.kubernetes.io/warn": "restricted",
+                                 "pod-security.kubernetes.io/warn-version": "latest"}}},
+        content_type="application/merge-patch+json")  # fmt: skip
+    for values in ([], [FULL_VALUES]):
+        deploy = one(render(*values, namespace=ns), "Deployment")
+        assert apply_warnings(kube_api, deploy, ns) == []
+    # the check is live: a pod template without the chart's security settings draws warnings
+    bare = one(render(namespace=ns), "Deployment")
+    bare["metadata"]["name"] = "bare"
+    pod = bare["spec"]["template"]["spec"]
+    pod.pop("securityContext")
+    pod["containers"][0].pop("securityContext")
+    warnings = apply_warnings(kube_api, bare, ns)
+    assert any("restricted" in w for w in warnings), warnings
 
 
 def test_examples_pass_the_crd_schema(kube_api, chart_crds, namespace):
