@@ -347,3 +347,22 @@ def test_examples_are_valid_rlpruns_using_the_example_secret():
     assert other["spec"]["completions"] == 1 and no_service is None
     # its pod annotations are well-formed (the operator fails the run otherwise)
     assert wl.pod_annotations(yaml.safe_load((EXAMPLES / "multinode-optimize.yaml").read_text()))
+
+
+def test_chart_grants_nothing_beyond_the_operators_documented_rbac():
+    """operator/rbac.yaml (operator/RBAC.md) is the operator's own statement of what it may need: whatever
+    the scope, the chart's roles stay within it. (The chart leaves out what the code never calls: `get` on
+    services and rlpruns/status; namespaces and peering only where kopf uses them.)"""
+    documented = rules_of(yaml.safe_load((REPO / "operator" / "rbac.yaml").read_text()))
+    scopes = [
+        {},
+        {"watchNamespaces[0]": "team-a"},
+        {"watchNamespaces[0]": "team-*"},
+        {"replicaCount": "2"},
+        {"replicaCount": "2", "watchNamespaces[0]": "team-a"},
+    ]
+    for settings in scopes:
+        objs = render(set_=settings)
+        for role in by_kind(objs, "ClusterRole") + by_kind(objs, "Role"):
+            extra = rules_of(role) - documented
+            assert not extra, f"{settings}: {role['kind']} {role['metadata']['name']} grants {sorted(extra)}"
