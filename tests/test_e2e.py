@@ -1,0 +1,138 @@
+"""End to end on a real control plane: the operator, versitygw S3, and phase pods that really run.
+
+The control plane is the suite's own (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; kwok
+stays for the other tests and does not touch the node used here). Phase pods are scheduled by the real
+scheduler onto a node registered by tests/node_agent.py, which runs each pod's command as a local
+process with the pod's environment (Secret and ConfigMap references resolved from the API, the spec
+ConfigMap materialised as files) and reports its real exit status back to the apiserver.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from infra.kube import wait_until
+from node_agent import NodeAgent
+
+AGENT_TAINT = {"key": "rlp.dev/node-agent", "value": "true", "effect": "NoSchedule"}
+
+
+@pytest.fixture(scope="module")
+def node_agent(control_plane):
+    name = f"rlp-agent-{uuid.uuid4().hex[:6]}"
+    agent = NodeAgent(control_plane.api_client(), name, labels={"rlp.dev/agent-node": name}, taints=[AGENT_TAINT])
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+    assert not agent.errors, agent.errors
+
+
+def on_agent(agent: NodeAgent) -> dict:
+    """Pod spec fields that put a pod on the agent's node and only there."""
+    return {"nodeSelector": {"rlp.dev/agent-node": agent.node_name},
+            "tolerations": [{"key": AGENT_TAINT["key"], "operator": "Equal", "value": "true", "effect": "NoSchedule"}]}  # fmt: skip
+
+
+def job(name: str, container: dict, agent: NodeAgent, **pod_spec) -> dict:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "main", "image": "test.invalid/none:0", **container}],
+            **on_agent(agent), **pod_spec}}},
+    }  # fmt: skip
+
+
+def job_pod(core, ns: str, job_name: str) -> dict:
+    pods = core.list_namespaced_pod(ns, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
+    return core.api_client.sanitize_for_serialization(pods[0]) if pods else None
+
+
+def job_condition(batch, ns: str, name: str) -> str | None:
+    conds = batch.read_namespaced_job(name, ns).status.conditions or []
+    return next((c.type for c in conds if c.type in ("Complete", "Failed") and c.status == "True"), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# the node agent on plain Jobs
+
+
+def test_node_agent_runs_job_pods_as_processes_with_their_real_exit_codes(kube_api, namespace, node_agent):
+    from kubernetes import client
+
+    core, batch = client.CoreV1Api(kube_api), client.BatchV1Api(kube_api)
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "creds"}, "stringData": {"TOKEN": "s3cr3t"}})
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"},
+                                                  "data": {"spec.json": '{"answer": 42}', "MODE": "fast"}})  # fmt: skip
+    fails = job("fails", {"command": ["python", "-c", "import sys; print('about to fail'); sys.exit(3)"]}, node_agent)
+    reads = job("reads", {
+        "command": ["python", "-c"],
+        "args": ["import json, os, sys; spec = json.load(open(sys.argv[1])); "
+                 "print(spec['answer'], os.environ['TOKEN'], os.environ['MODE'], os.environ['WHO'], os.environ['GREETING']); "
+                 "open(os.environ['HOME'] + '/x', 'w').write('ok')",
+                 "/etc/cfg/spec.json"],
+        "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "TOKEN"}}},
+                {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "MODE"}}},
+                {"name": "WHO", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "GREETING", "value": "hello-$(WHO)"},
+                {"name": "HOME", "value": "/scratch"}],
+        "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
+                         {"name": "scratch", "mountPath": "/scratch"}],
+    }, node_agent, volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}])  # fmt: skip
+    for body in (fails, reads):
+        batch.create_namespaced_job(namespace, body)
+
+    assert wait_until(lambda: job_condition(batch, namespace, "fails"), 60, "Job fails to finish") == "Failed"
+    pod = job_pod(core, namespace, "fails")
+    assert pod["spec"]["nodeName"] == node_agent.node_name
+    assert pod["status"]["phase"] == "Failed"
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 3 and terminated["reason"] == "Error"
+
+    assert wait_until(lambda: job_condition(batch, namespace, "reads"), 60, "Job reads to finish") == "Complete", \
+        node_agent.log(namespace, job_pod(core, namespace, "reads")["metadata"]["name"])
+    pod = job_pod(core, namespace, "reads")
+    assert pod["status"]["phase"] == "Succeeded"
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert f"42 s3cr3t fast {namespace} hello-{namespace}" in node_agent.log(namespace, pod["metadata"]["name"])
+
+
+def test_node_agent_kills_the_process_of_a_deleted_pod(kube_api, namespace, node_agent, tmp_path):
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    marker = tmp_path / "pid"
+    pod = {"metadata": {"name": "sleeper"}, "spec": {
+        "restartPolicy": "Never", "terminationGracePeriodSeconds": 2, **on_agent(node_agent),
+        "containers": [{"name": "main", "image": "test.invalid/none:0", "command": [
+            "python", "-c", f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(600)"]}]}}  # fmt: skip
+    core.create_namespaced_pod(namespace, pod)
+    wait_until(lambda: core.read_namespaced_pod("sleeper", namespace).status.phase == "Running" and marker.exists(),
+               60, "sleeper running")  # fmt: skip
+    pid = int(marker.read_text())
+    core.delete_namespaced_pod("sleeper", namespace)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("sleeper", namespace)
+            return False
+        except client.ApiException as err:
+            return err.status == 404
+
+    wait_until(gone, 30, "the deleted pod to go away")
+
+    def dead() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(dead, 10, "the pod's process to die")
