@@ -25,10 +25,12 @@ EXAMPLES = REPO / "examples"
 # helpers (also used by test_chart_cluster.py)
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(helm_bin()), *args], capture_output=True, text=True, check=False,
-                          env={"HOME": "/tmp", "PATH": "/usr/bin:/bin", "HELM_CACHE_HOME": "/tmp/rlp-helm-cache",
-                               "HELM_CONFIG_HOME": "/tmp/rlp-helm-config", "HELM_DATA_HOME": "/tmp/rlp-helm-data"})  # fmt: skip
+def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
+    """The cached helm, isolated from the user's helm settings (and cluster, unless kubeconfig is given)."""
+    env = {"HOME": "/tmp", "PATH": "/usr/bin:/bin", "HELM_CACHE_HOME": "/tmp/rlp-helm/cache",
+           "HELM_CONFIG_HOME": "/tmp/rlp-helm/config", "HELM_DATA_HOME": "/tmp/rlp-helm/data",
+           "KUBECONFIG": str(kubeconfig) if kubeconfig else "/nonexistent"}  # fmt: skip
+    proc = subprocess.run([str(helm_bin()), *args], capture_output=True, text=True, check=False, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -317,7 +319,7 @@ def test_notes_tell_the_next_commands():
     notes = out[out.index("NOTES:"):]
     assert "kubectl -n rlp-system rollout status deployment/rlp-operator" in notes
     assert "examples/s3-secret.yaml -f examples/gpu-small.yaml" in notes
-    assert "kubectl apply --server-side -f" in notes
+    assert "kubectl apply --server-side --force-conflicts -f" in notes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from operator_fixtures import ClusterRig, OperatorProcess, raw
 
 from infra.kube import wait_until
 from infra.tools import prometheus_operator_crds
-from test_chart import CHART, CRD_OBSERVER, EXAMPLES, FULL_VALUES, OPERATOR_NEEDS, by_kind, one, render
+from test_chart import CHART, CRD_OBSERVER, EXAMPLES, FULL_VALUES, OPERATOR_NEEDS, by_kind, helm, one, render
 from test_dashboard import (
     ALERTS,
     check_names_exported,
@@ -306,6 +306,35 @@ def test_operator_pod_meets_the_restricted_pod_security_standard(kube_api, extra
     pod["containers"][0].pop("securityContext")
     warnings = apply_warnings(kube_api, bare, ns)
     assert any("restricted" in w for w in warnings), warnings
+
+
+def test_helm_install_upgrade_uninstall(control_plane, kube_api, chart_crds, namespace, extra_namespace, tmp_path):
+    """The real `helm install` path with every switch on (the kopf peering object right after crds/),
+    then an upgrade and an uninstall that leaves the CRDs."""
+    release_ns = extra_namespace("t-rlp-helm")
+    name = f"rlp-{uuid.uuid4().hex[:6]}"
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"watchNamespaces": [namespace], "fullnameOverride": name}))
+    common = [str(CHART), "--namespace", release_ns, "-f", str(FULL_VALUES), "-f", str(override)]
+    kc = control_plane.kubeconfig
+    try:
+        out = helm("install", name, *common, kubeconfig=kc).stdout
+        assert "STATUS: deployed" in out and f"rollout status deployment/{name}" in out
+        for path in (f"/apis/apps/v1/namespaces/{release_ns}/deployments/{name}",
+                     f"/apis/monitoring.coreos.com/v1/namespaces/{release_ns}/prometheusrules/{name}",
+                     f"/apis/monitoring.coreos.com/v1/namespaces/{release_ns}/servicemonitors/{name}",
+                     f"/apis/monitoring.coreos.com/v1/namespaces/{release_ns}/podmonitors/{name}-phases",
+                     f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/rlp-peering",
+                     f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles/{name}",
+                     f"/api/v1/namespaces/{release_ns}/configmaps/{name}-dashboard"):  # fmt: skip
+            assert raw(kube_api, "GET", path)[0] == 200, path
+        helm("upgrade", name, *common, "--set", "logLevel=warning", kubeconfig=kc)
+        deploy = raw(kube_api, "GET", f"/apis/apps/v1/namespaces/{release_ns}/deployments/{name}")[1]
+        assert "--log-level=warning" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    finally:
+        helm("uninstall", name, "--namespace", release_ns, kubeconfig=kc, check=False)
+    assert raw(kube_api, "GET", f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}-observer")[0] == 404
+    assert raw(kube_api, "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/rlpruns.rlp.dev")[0] == 200
 
 
 def test_examples_pass_the_crd_schema(kube_api, chart_crds, namespace):
