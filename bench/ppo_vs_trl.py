@@ -85,7 +85,8 @@ try:
     from trl.models.utils import unwrap_model_for_generation
     from trl.trainer.utils import selective_log_softmax
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    sys.exit(f"{exc}\nthis benchmark needs trl 1.12.0 from the bench group: uv run --group bench python bench/ppo_vs_trl.py")
+    sys.exit(f"{exc}\nthis benchmark needs trl 1.12.0 from the bench dependency group: "
+             "uv run --group bench python bench/ppo_vs_trl.py")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "uv run --group bench python bench/ppo_vs_trl.py"
@@ -507,9 +508,12 @@ def main(argv: list[str] | None = None) -> None:
                  "trl": cb.trl_seconds[s.warmup_steps:],
                  "trl_gc": cb.trl_gc_seconds[s.warmup_steps:],
                  "rlp_tps": [r["tokens_per_second"] for r in cb.rlp_rows[s.warmup_steps:]]}
-        for row in cb.rlp_rows:
+        for row in cb.rlp_rows:  # same work on both sides: full-length responses, no EOS
             if row["response_length"] != s.response_length:
                 raise RuntimeError(f"rlp rollout had mean response length {row['response_length']}")
+        trl_eos = [h["val/num_eos_tokens"] for h in trl.state.log_history if "val/num_eos_tokens" in h]
+        if len(trl_eos) != total or any(trl_eos):
+            raise RuntimeError(f"TRL rollouts sampled EOS tokens: {trl_eos}")
         loads += cb.loadavg
         print(f"generation: {s.gen_warmup} warm-up + {s.gen_repeats} timed calls per method ...", flush=True)
         methods = generation_methods(ck, tokenizer, prompts[: s.batch], s, trl)
