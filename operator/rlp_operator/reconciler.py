@@ -62,13 +62,6 @@ class Settings:
     stale_job_requeue: float = 2.0
     storage_retry: float = 15.0  # look again this soon when the store cannot be read
 
-    @classmethod
-    def from_env(cls) -> Settings:
-        s = cls()
-        s.backoff_base = float(os.environ.get("RLP_OPERATOR_BACKOFF_BASE", s.backoff_base))
-        s.backoff_max = float(os.environ.get("RLP_OPERATOR_BACKOFF_MAX", s.backoff_max))
-        return s
-
     def backoff(self, failures: int) -> float:
         """Wait before the attempt that follows the `failures`-th failure: base·2^(failures-1), capped."""
         return min(self.backoff_base * (2 ** max(failures - 1, 0)), self.backoff_max)
@@ -424,10 +417,9 @@ class Reconciler:
         rec.reason = reason
         rec.message = _trim(message) if message else None
         step.changed = True
-        if changed or state == "Pending" and reason == "Planned":
+        if changed or (state == "Pending" and reason == "Planned"):  # a new record counts as entering Pending
             phase = rec.name
-            self_metrics = self.metrics
-            step.after.append(lambda: self_metrics.transition(phase, state))
+            step.after.append(lambda: self.metrics.transition(phase, state))
 
     def _check_running(self, step: _Step, run: RLPRun, rec: PhaseRecord) -> bool:
         """Look at the current attempt's Job. True when the record left Running (look again at once)."""
@@ -576,7 +568,7 @@ class Reconciler:
         return self._create_attempt(step, run, rec)
 
     def _create_attempt(self, step: _Step, run: RLPRun, rec: PhaseRecord) -> bool:
-        ns, name = run.metadata.namespace, run.metadata.name
+        ns = run.metadata.namespace
         uid = step.body["metadata"]["uid"]
         owner = wl.owner_reference(step.body)
         attempt = rec.attempts + 1
@@ -648,7 +640,6 @@ class Reconciler:
     def _summarize(self, step: _Step, run: RLPRun, was: str | None) -> None:
         st = step.status
         now = fmt_time(step.now)
-        gen = step.body["metadata"].get("generation")
         failed = next((r for r in st.phases if r.state == "Failed"), None)
         current = next((r for r in st.phases if r.state not in DONE_PHASE_STATES), None)
         if failed is not None:
@@ -698,7 +689,6 @@ class Reconciler:
                          succeeded=("False", "Running"), failed=("False", "Running"),
                          suspended=("False", "Resumed" if was == "Suspended" else "NotSuspended"))  # fmt: skip
         step.changed = step.changed or st.phase != was
-        _ = gen
 
     def _conditions(self, step: _Step, **conds: tuple[str, str]) -> None:
         st = step.status
