@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+import yaml
 
 from infra.kube import wait_until
 from node_agent import NodeAgent
@@ -136,3 +138,101 @@ def test_node_agent_kills_the_process_of_a_deleted_pod(kube_api, namespace, node
             return True
 
     wait_until(dead, 10, "the pod's process to die")
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole system: RLPRun -> operator -> Jobs -> real `rlp phase` processes -> S3 -> status
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+CHECKPOINTS = {"sft": "policy", "reward": "reward_model", "synthesize": "reward_model", "optimize": "policy"}
+
+
+def quickstart_spec(rig, agent: NodeAgent) -> dict:
+    """examples/quickstart.yaml, smaller, stored in the test bucket, on the agent's node without GPUs."""
+    spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
+    spec["policy"]["sft"]["training"]["epochs"] = 1
+    spec["rewardModel"]["training"]["epochs"] = 2
+    spec["generation"].update(samplesPerPrompt=4, maxPrompts=32)
+    spec["optimization"].update(steps=8, rolloutBatchSize=16, checkpointEvery=4)
+    spec["evaluation"]["maxPrompts"] = 64
+    spec["storage"] = {"uri": f"s3://{rig.bucket}/runs", "endpoint": rig.s3.endpoint_url,
+                       "secretRef": {"name": rig.SECRET}}  # fmt: skip
+    spec["resources"] = {"gpusPerPod": 0, "cpu": "1", "memory": "1Gi", **on_agent(agent)}
+    return spec
+
+
+@pytest.mark.slow
+def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in_s3(
+    control_plane, kube_api, namespace, s3_server, s3_bucket, node_agent, tmp_path
+):
+    from operator_fixtures import ClusterRig
+
+    from rlp_core.manifest import verify_manifest
+    from rlp_core.store import Store
+
+    rig = ClusterRig(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path)
+    rig.operator.start()
+    t0 = time.monotonic()
+    try:
+        rig.create_run("quickstart", quickstart_spec(rig, node_agent), hold=False)
+        try:
+            st = rig.wait_run("quickstart", lambda s: s.get("phase") in ("Succeeded", "Failed"), timeout=600,
+                              what="the run to finish")  # fmt: skip
+        except AssertionError:
+            raise AssertionError(_diagnostics(rig, node_agent)) from None
+        assert st["phase"] == "Succeeded", _diagnostics(rig, node_agent)
+    finally:
+        rig.close()
+    elapsed = time.monotonic() - t0
+
+    records = {p["name"]: p for p in st["phases"]}
+    ran = ["sft", "reward", "generate", "synthesize", "optimize", "evaluate"]
+    assert [p["name"] for p in st["phases"]] == ["sft", "reward", "generate", "refine", "synthesize", "optimize",
+                                                 "evaluate"]  # fmt: skip
+    assert records["refine"]["state"] == "Skipped"  # rlp-spg does not use it
+    for phase in ran:
+        assert records[phase]["state"] == "Succeeded" and records[phase]["attempts"] == 1, records[phase]
+
+    # every phase really ran, as a process on the agent's node, and exited 0
+    for phase in ran:
+        pods = rig.pods_of(records[phase]["job"])
+        assert len(pods) == 1
+        pod = pods[0]
+        assert pod["spec"]["nodeName"] == node_agent.node_name
+        assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+        round_ = records[phase]["round"]
+        assert f"phase {phase} round {round_}: Succeeded" in node_agent.log(namespace, pod["metadata"]["name"])
+
+    # real outputs in S3: manifests that verify (content hashes included), safetensors checkpoints
+    root = Store.from_uri(f"s3://{s3_bucket}/runs/{namespace}/quickstart", endpoint=s3_server.endpoint_url,
+                          access_key=s3_server.access_key, secret_key=s3_server.secret_key)  # fmt: skip
+    spec_hashes = set()
+    for phase in ran:
+        rec = records[phase]
+        assert rec["output"] == f"s3://{s3_bucket}/runs/{namespace}/quickstart/round-{rec['round']}/{phase}/"
+        manifest = verify_manifest(root.child(f"round-{rec['round']}", phase), deep=True)
+        assert manifest is not None, f"{phase}: no verifying manifest"
+        spec_hashes.add(manifest.spec_hash)
+        assert rec["metrics"] == json.loads(json.dumps(manifest.metrics)), phase
+        paths = {f.path for f in manifest.files}
+        if phase in CHECKPOINTS:
+            model_dir = CHECKPOINTS[phase]
+            assert {f"{model_dir}/model.safetensors", f"{model_dir}/config.json"} <= paths, (phase, paths)
+            weights = next(f for f in manifest.files if f.path == f"{model_dir}/model.safetensors")
+            assert weights.size > 10_000
+    assert len(spec_hashes) == 1  # every pod read the same spec
+    assert records["optimize"]["metrics"]["steps"] == 8
+    assert not list(root.child("round-1", "refine").list())  # skipped: nothing written
+
+    # the evaluate phase's win-rate is in the run's status
+    evaluation = records["evaluate"]["metrics"]
+    assert 0 <= evaluation["ci_low"] <= evaluation["win_rate"] <= evaluation["ci_high"] <= 1
+    assert evaluation["n"] == 64
+    print(f"quickstart RLPRun: apply -> Succeeded in {elapsed:.0f} s; win-rate {evaluation['win_rate']:.3f}")
+
+
+def _diagnostics(rig, agent: NodeAgent) -> str:
+    lines = [f"status: {json.dumps(rig.status('quickstart'), indent=1)[:4000]}", "operator log:", rig.operator.tail(40)]
+    for run in list(agent.runs.values()):
+        lines += [f"--- pod {run.name} (exit {run.exit_code}):", agent.log(run.namespace, run.name)[-3000:]]
+    return "\n".join(lines)
