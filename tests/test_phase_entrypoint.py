@@ -294,3 +294,56 @@ def test_optimize_on_s3_killed_after_its_first_checkpoint_resumes_from_it(tmp_pa
     assert again.returncode == 0, again.stderr[-3000:]
     assert "phase optimize round 1: Cached" in again.stderr
     assert _s3_manifests(s3_client, s3_bucket) == after
+
+
+# --------------------------------------------------------------------------------------------------
+# multi-node optimize: two "pods" of an indexed Job, re-executed under torchrun, rendezvous on loopback
+
+
+def _run_early_phases_local(spec: dict, store: Path, cache: Path) -> None:
+    from rlp_core.pipeline import execute_phase
+    from rlp_core.spec import parse_run
+    from rlp_core.store import Store
+
+    run = parse_run(spec)
+    for round_, phase in run.spec.phase_plan():
+        if phase == "optimize":
+            return
+        execute_phase(run, Store.from_uri(f"file://{store}"), round_, phase, cache_dir=cache)
+
+
+@pytest.mark.slow
+def test_optimize_across_two_indexed_pods_runs_under_torchrun_with_deepspeed(tmp_path):
+    store = tmp_path / "store"
+    spec_doc = tiny_spec(f"file://{store}", steps=2, checkpointEvery=1, rolloutBatchSize=8, miniBatchSize=4,
+                         deepspeed={"enabled": "auto", "zeroStage": 2})  # fmt: skip
+    _run_early_phases_local(spec_doc, store, tmp_path / "early-cache")
+    spec = write_spec(tmp_path / "spec.json", spec_doc)
+    port = free_port()
+    # what the operator puts on the pods of a 2-node indexed Job (NODE_RANK from the completion index)
+    common = {"NNODES": "2", "NPROC_PER_NODE": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = []
+    for rank in (0, 1):
+        cwd = tmp_path / f"pod-{rank}"
+        cwd.mkdir()
+        procs.append(subprocess.Popen(phase_cmd("optimize", spec, 1, "--cache-dir", str(cwd / "cache")), cwd=cwd,
+                                      env=phase_env(**common, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))  # fmt: skip
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=400)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"node {rank}:\n{out[-4000:]}"
+    manifest = json.loads((store / "team-a" / RUN / "round-1" / "optimize" / "_MANIFEST.json").read_text())
+    assert manifest["metrics"]["steps"] == 2
+    assert any(f["path"].endswith(".safetensors") for f in manifest["files"])
+    # both pods went through torchrun, and DeepSpeed saw a world of two
+    for rank, out in enumerate(outputs):  # each pod re-executed itself under torchrun and joined a world of two
+        assert "re-executing under torchrun" in out and f"--node-rank={rank}" in out, out[-3000:]
+        assert f"optimize: rank {rank} of 2 (node {rank}, local rank 0)" in out, out[-3000:]

@@ -57,7 +57,11 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
 
         cmd = torchrun_argv(sys.argv[1:], dict(os.environ), torch.cuda.device_count())
         if cmd is not None:
+            log.info("re-executing under torchrun: %s", " ".join(cmd))
             os.execv(cmd[0], cmd)
+        if "LOCAL_RANK" in os.environ:
+            log.info("optimize: rank %s of %s (node %s, local rank %s)", os.environ.get("RANK"),
+                     os.environ.get("WORLD_SIZE"), os.environ.get("GROUP_RANK"), os.environ["LOCAL_RANK"])
     elif int(os.environ.get("NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", "0"))) != 0:
         log.info("phase %s runs on node 0 only; node %s has nothing to do", name, os.environ.get("NODE_RANK"))
         return 0
