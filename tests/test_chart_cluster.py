@@ -426,8 +426,10 @@ def test_operator_runs_a_full_rlprun_with_only_the_charts_rbac(control_plane, ku
             st = rig.wait_run("chart-rbac", lambda s: s.get("phase") == "Succeeded", timeout=60, what="Succeeded")
             gen = next(p for p in st["phases"] if p["name"] == "generate")
             assert gen["attempts"] == 2 and gen["failures"] == 1
-            reasons = rig.event_reasons("chart-rbac")  # Events were posted with the chart's rights
-            assert "PhaseRetried" in reasons and reasons[-1] == "Succeeded"
+            # Events were posted with the chart's rights (by a background thread: wait for the last one)
+            reasons = wait_until(lambda: (r := rig.event_reasons("chart-rbac")) and "Succeeded" in r and r,
+                                 timeout=15, what="the Succeeded event")  # fmt: skip
+            assert "PhaseRetried" in reasons
             services = raw(kube_api, "GET", f"/api/v1/namespaces/{namespace}/services",
                            query="labelSelector=rlp.dev/run=chart-rbac")[1]["items"]  # fmt: skip
             assert len(services) == 1
