@@ -33,6 +33,7 @@ PR_SET_PDEATHSIG) and deletes the Node and its Lease.
     agent = NodeAgent(api_client, "rlp-agent", labels={...}, taints=[...]).start()
     ...                                    # pods with nodeSelector/tolerations for it run for real
     agent.log("ns", "pod-name")            # a container's output
+    agent.kill("ns", "pod-name")           # SIGKILL its process group: the pod fails with exit code 137
     agent.stop()
 
 Also runnable by hand against a kubeconfig: ``python tests/node_agent.py --kubeconfig FILE --node NAME``.
@@ -229,6 +230,18 @@ class NodeAgent:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def kill(self, namespace: str, pod: str, sig: int = signal.SIGKILL) -> bool:
+        """Signal a running pod's process group (an OOM kill, a crash); False when it is not running."""
+        for run in list(self.runs.values()):
+            if run.namespace == namespace and run.name == pod and run.popen is not None and run.popen.poll() is None:
+                return _kill_group(run.popen.pid, sig)
+        return False
+
+    def running(self, namespace: str) -> list[str]:
+        """Names of the pods of ``namespace`` whose process is running now."""
+        return [r.name for r in list(self.runs.values())
+                if r.namespace == namespace and r.popen is not None and r.popen.poll() is None]  # fmt: skip
 
     def log(self, namespace: str, pod: str) -> str:
         """The output of a pod's container (all of its runs on this node)."""

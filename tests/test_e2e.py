@@ -153,7 +153,7 @@ def quickstart_spec(rig, agent: NodeAgent) -> dict:
     spec["policy"]["sft"]["training"]["epochs"] = 1
     spec["rewardModel"]["training"]["epochs"] = 2
     spec["generation"].update(samplesPerPrompt=4, maxPrompts=32)
-    spec["optimization"].update(steps=8, rolloutBatchSize=16, checkpointEvery=4)
+    spec["optimization"].update(steps=12, rolloutBatchSize=16, checkpointEvery=3)
     spec["evaluation"]["maxPrompts"] = 64
     spec["storage"] = {"uri": f"s3://{rig.bucket}/runs", "endpoint": rig.s3.endpoint_url,
                        "secretRef": {"name": rig.SECRET}}  # fmt: skip
@@ -162,7 +162,7 @@ def quickstart_spec(rig, agent: NodeAgent) -> dict:
 
 
 @pytest.mark.slow
-def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in_s3(
+def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in_s3_through_a_kill(
     control_plane, kube_api, namespace, s3_server, s3_bucket, node_agent, tmp_path
 ):
     from operator_fixtures import ClusterRig
@@ -172,14 +172,22 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
 
     rig = ClusterRig(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path)
     rig.operator.start()
+    s3 = s3_server.client()
+    checkpoint = f"runs/{namespace}/quickstart/round-1/optimize/_checkpoints/state.pt"
     t0 = time.monotonic()
+    killed = None
     try:
         rig.create_run("quickstart", quickstart_spec(rig, node_agent), hold=False)
-        try:
-            st = rig.wait_run("quickstart", lambda s: s.get("phase") in ("Succeeded", "Failed"), timeout=600,
-                              what="the run to finish")  # fmt: skip
-        except AssertionError:
-            raise AssertionError(_diagnostics(rig, node_agent)) from None
+        deadline = time.monotonic() + 600
+        while (st := rig.status("quickstart")).get("phase") not in ("Succeeded", "Failed"):
+            assert time.monotonic() < deadline, "the run did not finish in 600 s\n" + _diagnostics(rig, node_agent)
+            if killed is None:  # SIGKILL the optimize pod's process once it has checkpointed
+                pod = next((p for p in node_agent.running(namespace) if "-optimize-a1-" in p), None)
+                if pod and s3.list_objects_v2(Bucket=s3_bucket, Prefix=checkpoint).get("KeyCount"):
+                    assert node_agent.kill(namespace, pod), "optimize finished before it could be killed"
+                    killed = pod
+                assert "optimize" not in _succeeded(st), "optimize finished before it could be killed"
+            time.sleep(0.1)
         assert st["phase"] == "Succeeded", _diagnostics(rig, node_agent)
     finally:
         rig.close()
@@ -190,8 +198,9 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
     assert [p["name"] for p in st["phases"]] == ["sft", "reward", "generate", "refine", "synthesize", "optimize",
                                                  "evaluate"]  # fmt: skip
     assert records["refine"]["state"] == "Skipped"  # rlp-spg does not use it
-    for phase in ran:
-        assert records[phase]["state"] == "Succeeded" and records[phase]["attempts"] == 1, records[phase]
+    for phase in ran:  # the killed optimize was retried once; nothing else ran twice
+        assert records[phase]["state"] == "Succeeded", records[phase]
+        assert records[phase]["attempts"] == (2 if phase == "optimize" else 1), records[phase]
 
     # every phase really ran, as a process on the agent's node, and exited 0
     for phase in ran:
@@ -202,6 +211,11 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
         assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
         round_ = records[phase]["round"]
         assert f"phase {phase} round {round_}: Succeeded" in node_agent.log(namespace, pod["metadata"]["name"])
+    # the killed attempt: its pod failed with the SIGKILL exit code the kubelet would report
+    first = rig.pods_of(records["optimize"]["job"].replace("-a2", "-a1"))
+    assert [p["metadata"]["name"] for p in first] == [killed]
+    assert first[0]["status"]["phase"] == "Failed"
+    assert first[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
 
     # real outputs in S3: manifests that verify (content hashes included), safetensors checkpoints
     root = Store.from_uri(f"s3://{s3_bucket}/runs/{namespace}/quickstart", endpoint=s3_server.endpoint_url,
@@ -221,14 +235,21 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
             weights = next(f for f in manifest.files if f.path == f"{model_dir}/model.safetensors")
             assert weights.size > 10_000
     assert len(spec_hashes) == 1  # every pod read the same spec
-    assert records["optimize"]["metrics"]["steps"] == 8
+    # the retry resumed from the killed attempt's checkpoint instead of starting over
+    optimize = records["optimize"]["metrics"]
+    assert optimize["steps"] == 12 and optimize["resumed_from_step"] >= 3 and optimize["resumed_from_step"] % 3 == 0
     assert not list(root.child("round-1", "refine").list())  # skipped: nothing written
 
     # the evaluate phase's win-rate is in the run's status
     evaluation = records["evaluate"]["metrics"]
     assert 0 <= evaluation["ci_low"] <= evaluation["win_rate"] <= evaluation["ci_high"] <= 1
     assert evaluation["n"] == 64
-    print(f"quickstart RLPRun: apply -> Succeeded in {elapsed:.0f} s; win-rate {evaluation['win_rate']:.3f}")
+    print(f"quickstart RLPRun: apply -> Succeeded in {elapsed:.0f} s (optimize killed once, resumed from step "
+          f"{optimize['resumed_from_step']}); win-rate {evaluation['win_rate']:.3f}")
+
+
+def _succeeded(status: dict) -> set[str]:
+    return {p["name"] for p in status.get("phases", []) if p["state"] == "Succeeded"}
 
 
 def _diagnostics(rig, agent: NodeAgent) -> str:
