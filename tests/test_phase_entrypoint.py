@@ -153,6 +153,16 @@ def test_failures_exit_non_zero_with_one_clear_line(tmp_path):
     assert res.returncode == 1
     assert "not in round 3 of this run's plan" in res.stderr.strip().splitlines()[-1]
 
+    # storage that cannot be reached: says which endpoint and what to check
+    s3_spec = write_spec(tmp_path / "s3.json", tiny_spec("s3://no-such-bucket/runs"))
+    env = phase_env(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", RLP_S3_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+                    AWS_MAX_ATTEMPTS="1")  # fmt: skip
+    res = rlp_phase("sft", s3_spec, 0, "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path, env=env)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlp phase sft (round 0) failed: cannot read s3://no-such-bucket/runs/"), res.stderr[-2000:]
+    assert "Check that the S3 endpoint is reachable" in last
+
 
 # --------------------------------------------------------------------------------------------------
 # file:// store: run, /metrics while running, idempotent rerun
