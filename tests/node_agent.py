@@ -566,7 +566,8 @@ class NodeAgent:
 
     def _wait(self, run: _PodRun) -> None:
         rc = run.popen.wait()
-        self._wd.forget(run.popen.pid) if self._wd else None
+        if self._wd is not None:
+            self._wd.forget(run.popen.pid)
         _kill_group(run.popen.pid, signal.SIGKILL)  # whatever it left behind in its session
         run.exit_code = rc if rc >= 0 else 128 - rc
         finished = _now()
