@@ -283,6 +283,7 @@ class PPOTrainer:
         per_rank = max(1, cfg.rollout_batch_size // self.world_size)
         if self.telemetry is not None:
             self.telemetry.total_steps = cfg.steps
+            self.telemetry.resume(self.start_step)
         self.policy.train()
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
                    desc="optimize", leave=False, disable=self.rank != 0, mininterval=1.0)

@@ -75,6 +75,11 @@ class PhaseTelemetry:
                 m.rm_accuracy.labels(**lab, split=key.removeprefix("rm_accuracy").strip("_") or "held_out").set(value)
         self.history.append({"step": float(self._done), "seconds": elapsed, "tokens": float(tokens), **values})
 
+    def resume(self, done_steps: int) -> None:
+        """A phase restarted from a checkpoint: progress continues from the steps already done."""
+        self._done = done_steps
+        self._metrics.progress.labels(**self._labels).set(min(1.0, done_steps / max(1, self.total_steps)))
+
     def set_accuracy(self, split: str, value: float) -> None:
         self._metrics.rm_accuracy.labels(**self._labels, split=split).set(value)
 
