@@ -339,9 +339,11 @@ def report_markdown(setting: Setting, table: list[dict[str, Any]], rows: list[di
     for t in table:
         lines.append(f"| {t['label']} | {fmt(t['win_rate'])} | {fmt(t['gold_mean'])} | {fmt(t['probe_sft'])} | "
                      f"{fmt(t['probe_own'])} | {fmt(t['held_out'])} | {fmt(t['synthetic'], 0)} | {fmt(t['synthetic_gold'])} |")
-    lines += ["", f"APA used the strategy with the best mean PPO win-rate: **{best}**.", "",
-              "![win-rates and over-optimisation curves](reward-learning.png)", "", "## What this run shows", ""]
-    lines += findings(table)
+    lines += ["", f"APA used the reward model of the strategy with the best mean PPO win-rate: {best}.", "",
+              "![win-rates and over-optimisation curves](reward-learning.png)", "", "## What this run shows", "",
+              "Differences against PPO with the fixed RM, paired by seed (mean per-seed difference, 95% t-interval "
+              "over seeds), and each method's gold score minus the SFT policy's:", ""]
+    lines += findings(rows)
     lines += ["", "## Caveats", "",
               "- A toy: a 2-layer, 64-wide Llama on single-digit addition, a few hundred PPO samples per step, "
               "a few seeds. Differences smaller than the intervals are not evidence either way.",
@@ -353,33 +355,37 @@ def report_markdown(setting: Setting, table: list[dict[str, Any]], rows: list[di
     return "\n".join(lines)
 
 
-def findings(table: list[dict[str, Any]]) -> list[str]:
-    """Plain statements read off the table: CI overlap decides 'no measurable difference'."""
-    rows = {t["label"]: t for t in table}
-    ref = rows.get("PPO, fixed RM")
+REFERENCE = "PPO, fixed RM"
+COMPARED = (("win_rate", "gold win-rate vs SFT"), ("rm_probe_accuracy_sft_policy", "RM accuracy on SFT-policy samples"),
+            ("rm_probe_accuracy_own_policy", "RM accuracy on its own policy's samples"))
+
+
+def findings(rows: list[dict[str, Any]]) -> list[str]:
+    """Each method against PPO with the fixed RM, paired by seed (the seeds share SFT policy and fixed RM):
+    the mean per-seed difference with its 95% t-interval; an interval that contains 0 is no evidence."""
+    by = {(r["label"], r["seed"]): r for r in rows}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
     out = []
-    if ref is None:
-        return out
-    for label, t in rows.items():
-        if label in ("SFT", "PPO, fixed RM"):
+    for label in labels:
+        if label in ("SFT", REFERENCE):
             continue
-        for key, what in (("win_rate", "gold win-rate"), ("probe_own", "RM accuracy on its own policy's samples"),
-                          ("probe_sft", "RM accuracy on SFT-policy samples")):
-            m, lo, hi = t[key]
-            rm, rlo, rhi = ref[key]
-            if math.isnan(m) or math.isnan(rm):
+        for key, what in COMPARED:
+            diffs = [by[(label, seed)][key] - ref[key] for (lab, seed), ref in by.items()
+                     if lab == REFERENCE and (label, seed) in by]
+            m, lo, hi = mean_ci(diffs)
+            if math.isnan(m):
                 continue
-            diff = m - rm
-            if math.isnan(lo) or math.isnan(rlo):
-                verdict = "single seed: no interval"
-            elif lo > rhi or hi < rlo:
-                verdict = "intervals do not overlap"
-            else:
-                verdict = "intervals overlap: no measurable difference"
-            out.append(f"- {label} vs PPO with the fixed RM, {what}: {m:.3f} vs {rm:.3f} ({diff:+.3f}; {verdict}).")
-    sft = rows.get("SFT")
-    if sft is not None and not math.isnan(ref["gold_mean"][0]):
-        out.append(f"- PPO with the fixed RM vs SFT, gold score: {ref['gold_mean'][0]:.3f} vs {sft['gold_mean'][0]:.3f}.")
+            verdict = ("one seed: no interval" if math.isnan(lo) else "better" if lo > 0 else "worse" if hi < 0
+                       else "interval contains 0: no measurable difference")
+            out.append(f"- {label}, {what}: {fmt((m, lo, hi))} ({verdict}).")
+    for label in labels:
+        if label == "SFT":
+            continue
+        diffs = [by[(label, seed)]["gold_mean"] - sft["gold_mean"] for (lab, seed), sft in by.items()
+                 if lab == "SFT" and (label, seed) in by and sft["gold_mean"] is not None]
+        m, lo, hi = mean_ci(diffs)
+        if not math.isnan(m):
+            out.append(f"- {label} minus SFT, gold score: {fmt((m, lo, hi))}.")
     return out
 
 
@@ -389,7 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="override the setting's number of seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench", help="scratch directory (models, store)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    parser.add_argument("--from-json", type=Path, help="only redraw the table and figure from a results JSON")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        apa = next((r["strategy"] for r in saved["rows"] if r.get("algorithm") == "apa"), None)
+        best = next((r["label"] for r in saved["rows"] if r.get("strategy") == apa and r["algorithm"] == "ppo"), None)
+        _dump(saved["rows"], Setting(**saved["setting"]), args.out, best, time.perf_counter(), saved.get("minutes"))
+        return 0
     setting = SETTINGS[args.setting]
     if args.seeds:
         setting = replace(setting, seeds=args.seeds)
@@ -427,13 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _dump(rows, setting: Setting, out: Path, best: str | None, t0: float) -> None:
+def _dump(rows, setting: Setting, out: Path, best: str | None, t0: float, minutes: float | None = None) -> None:
     """Write the JSON of every row, the table and the figure (after each seed, so a long run leaves results)."""
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(rows)
-    (out / "reward-learning.json").write_text(json.dumps({"setting": asdict(setting), "rows": rows}, indent=1))
+    minutes = (time.perf_counter() - t0) / 60 if minutes is None else minutes
+    (out / "reward-learning.json").write_text(json.dumps({"setting": asdict(setting), "minutes": minutes, "rows": rows},
+                                                         indent=1))
     plot(rows, table, out / "reward-learning.png", setting)
-    minutes = (time.perf_counter() - t0) / 60
     (out / "reward-learning.md").write_text(report_markdown(setting, table, rows, best or "(not yet run)", minutes))
 
 
