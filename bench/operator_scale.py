@@ -10,7 +10,7 @@ writes the phase's output and manifest to S3 and lets kwok finish the pod. It re
 
 * apply → Succeeded per run (client clock: create call returned → the Succeeded status seen on a watch);
 * phase transition latency: pod finish requested → next phase's Job seen (kwok, Job controller, operator);
-* operator reaction: the Job's Complete condition seen → the next Job seen (the operator's share);
+* operator reaction: the Job's SuccessCriteriaMet/Complete condition seen → the next Job seen (the operator's share);
 * operator CPU seconds and peak RSS (from /proc of the operator process).
 
 Everything shares the machine's cores: the numbers are for the whole stack on this machine.
@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import threading
@@ -150,7 +149,7 @@ class Bench:
         self.succeeded: dict[str, float] = {}
         self.failed: set[str] = set()
         self.finish_requested: dict[str, float] = {}  # job -> time the pod finish was requested
-        self.job_complete: dict[str, float] = {}  # job -> time Complete was seen
+        self.job_complete: dict[str, float] = {}  # job -> time SuccessCriteriaMet or Complete was seen
         self.job_seen: dict[str, float] = {}  # job -> time first seen
         self.pod_succeeded: dict[str, float] = {}  # job -> time its pod was seen Succeeded
         self.handled_pods: set[str] = set()
@@ -203,7 +202,7 @@ class Bench:
             self.job_seen.setdefault(name, now)
             self.job_meta[name] = (labels["rlp.dev/run"], int(labels["rlp.dev/round"]), labels["rlp.dev/phase"])
             for c in (job.get("status") or {}).get("conditions") or []:
-                if c["type"] == "Complete" and c["status"] == "True":
+                if c["type"] in ("Complete", "SuccessCriteriaMet") and c["status"] == "True":
                     self.job_complete.setdefault(name, now)
 
     def on_run(self, type_: str, run: dict) -> None:
@@ -261,7 +260,7 @@ class Bench:
                 if run.startswith(prefix):
                     by_run.setdefault(run, {})[phase] = job
             transition, reaction, kwok, jobctl = [], [], [], []
-            for run, jobs in by_run.items():
+            for jobs in by_run.values():
                 for phase, job in jobs.items():
                     i = order[phase]
                     if i + 1 >= len(self.plan["phases"]):
@@ -399,8 +398,9 @@ end the pod.
 - *phase transition*: from the driver asking kwok to end a phase's pod to the next phase's Job appearing
   (kwok, the Job controller and the operator together).
 - *of which kwok*: finish requested → the pod seen Succeeded; *of which Job controller*: pod Succeeded →
-  the Job's `Complete` condition seen (kube-controller-manager batches pod updates, about 1 s).
-- *operator reaction*: from the Job's `Complete` condition appearing to the next phase's Job appearing:
+  the Job's `SuccessCriteriaMet` (or `Complete`) condition seen (kube-controller-manager batches pod
+  updates, about 1 s, and serialises its Job syncs).
+- *operator reaction*: from the Job's `SuccessCriteriaMet`/`Complete` condition appearing to the next phase's Job appearing:
   the operator's own share (watch event, reconcile with S3 manifest check, status write, Job create).
 - *operator CPU / peak RSS*: user+system CPU seconds of the operator process over the batch (CPU % = of
   one core over the batch's wall time) and its largest resident set, from `/proc`.

@@ -63,7 +63,8 @@ def test_one_round_run_goes_through_every_phase_to_succeeded(rig):
         pod = job["spec"]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
         assert pod["automountServiceAccountToken"] is False
-        assert any(c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"])
+        ended = {c["type"] for c in job["status"]["conditions"] if c["status"] == "True"}
+        assert ended & {"SuccessCriteriaMet", "Complete"}, job["status"]
 
     # Events for every transition, in order
     reasons = rig.event_reasons("happy")
@@ -174,7 +175,8 @@ def test_operator_killed_in_every_phase_neither_duplicates_nor_reruns(rig):
     for j in jobs:  # the same Job objects all along: never deleted and created again
         assert j["metadata"]["uid"] == uids[j["metadata"]["name"]]
         assert len(rig.pods_of(j["metadata"]["name"])) == 1
-    assert rig.event_reasons("crash").count("PhaseStarted") == 5
+    # never announced twice (an Event queued when SIGKILL hits may be lost: Events are best effort)
+    assert rig.event_reasons("crash").count("PhaseStarted") <= 5
 
 
 def test_suspend_deletes_workloads_and_resume_continues_from_the_last_complete_phase(rig):

@@ -257,6 +257,9 @@ def test_job_outcome():
                                         {"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}}  # fmt: skip
     assert job_outcome(failed)[:2] == ("failed", "DeadlineExceeded")
     assert job_outcome({"status": {"conditions": [{"type": "Complete", "status": "False"}]}})[0] == "active"
+    # success as soon as the criteria are met; failure only once the pods are gone (Failed)
+    assert job_outcome({"status": {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}})[0] == "succeeded"
+    assert job_outcome({"status": {"conditions": [{"type": "FailureTarget", "status": "True"}]}})[0] == "active"
 
 
 # ---- the state machine ---------------------------------------------------------------------------

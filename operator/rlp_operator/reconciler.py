@@ -80,13 +80,19 @@ def locked_hash(run: RLPRun) -> str:
 
 
 def job_outcome(job: dict[str, Any]) -> tuple[str, str, str, dt.datetime | None]:
-    """('active'|'succeeded'|'failed', reason, message, finished time) of a Job."""
+    """('active'|'succeeded'|'failed', reason, message, finished time) of a Job.
+
+    Success is taken from `SuccessCriteriaMet` already (every index succeeded; the Job controller adds
+    `Complete` later, once it has cleaned up, which lags by seconds to minutes on a busy controller).
+    Failure only from `Failed`: after `FailureTarget` pods may still be terminating, and the next attempt
+    must not overlap them.
+    """
     status = job.get("status") or {}
     for cond in status.get("conditions") or []:
         if cond.get("status") != "True":
             continue
         when = parse_time(cond.get("lastTransitionTime"))
-        if cond.get("type") == "Complete":
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
             return "succeeded", "Complete", cond.get("message", ""), parse_time(status.get("completionTime")) or when
         if cond.get("type") == "Failed":
             return "failed", cond.get("reason") or "Failed", cond.get("message") or "", when

@@ -141,7 +141,7 @@ class WorkQueue:
 
 def _job_finished(body: Any) -> bool:
     for cond in (body.get("status") or {}).get("conditions") or []:
-        if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet", "Failed") and cond.get("status") == "True":
             return True
     return False
 
@@ -179,12 +179,23 @@ def build_registry(queue: WorkQueue, reconciler: Reconciler, metrics: OperatorMe
             metrics.error("event:rlpruns")
             raise
 
+    finished: set[str] = set()  # uids of Jobs whose end was already passed on (one reconcile per end)
+
     @kopf.on.event("batch", "v1", "jobs", labels={wl.LABEL_RUN: kopf.PRESENT}, registry=registry)
     async def job_event(event: dict[str, Any], body: Any, namespace: str, labels: Any, **_: Any) -> None:
         try:
-            # Only a finished or deleted Job can move a run; pod progress events are ignored.
-            if event.get("type") == "DELETED" or _job_finished(body):
-                queue.add((namespace, labels[wl.LABEL_RUN]))
+            # Only a Job's end (or deletion) can move a run: pod progress and the status updates that
+            # follow the end are ignored. After a restart every finished Job is passed on once more.
+            uid = body.get("metadata", {}).get("uid", "")
+            if event.get("type") == "DELETED":
+                finished.discard(uid)
+            elif not _job_finished(body) or uid in finished:
+                return
+            else:
+                if len(finished) > 200_000:
+                    finished.clear()
+                finished.add(uid)
+            queue.add((namespace, labels[wl.LABEL_RUN]))
         except Exception:
             metrics.error("event:jobs")
             raise
