@@ -591,3 +591,33 @@ def test_missing_storage_secret_is_reported_on_the_run_and_retried(tmp_path):
     h.reconciler = h.new_reconciler()
     h.reconcile()
     assert "lacks key(s) AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in h.status().message
+
+
+def test_install_wide_job_defaults_fill_only_unset_fields(tmp_path):
+    d = wl.JobDefaults.from_env({"RLP_DEFAULT_JOB_IMAGE": "reg/rlp-job:9", "RLP_S3_ENDPOINT": "http://s3:1",
+                                 "AWS_DEFAULT_REGION": "eu-1", "RLP_DEFAULT_STORAGE_SECRET": "team-s3"})  # fmt: skip
+    run = d.apply(_run(tmp_path, storage={"uri": "s3://b/p"}))
+    assert run.spec.resources.image == "reg/rlp-job:9"
+    assert (run.spec.storage.endpoint, run.spec.storage.region) == ("http://s3:1", "eu-1")
+    assert run.spec.storage.secret_ref.name == "team-s3"
+    job, _ = wl.render_job(run, 1, "generate", 1, OWNER)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RLP_S3_ENDPOINT"]["value"] == "http://s3:1"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-s3"
+    own = d.apply(_run(tmp_path, storage={"uri": "s3://b/p", "endpoint": "http://mine", "secretRef": {"name": "mine"}},
+                       resources={"image": "mine:1"}))  # fmt: skip
+    assert (own.spec.storage.endpoint, own.spec.storage.secret_ref.name, own.spec.resources.image) == (
+        "http://mine", "mine", "mine:1")  # fmt: skip
+    local = d.apply(_run(tmp_path))  # file:// storage: no S3 defaults
+    assert local.spec.storage.endpoint is None and local.spec.storage.secret_ref is None
+
+
+def test_defaults_do_not_count_as_a_spec_change(tmp_path):
+    h = Harness(tmp_path, base_spec(tmp_path, storage={"uri": f"file://{tmp_path}/store"}))
+    h.reconcile()
+    h.reconciler = h.new_reconciler()
+    h.reconciler.defaults = wl.JobDefaults(image="other:2")
+    h.complete_phase("generate")
+    assert h.status().phase == "Running"
+    refine = h.kube.get(JOBS, "team", "demo-r1-refine-a1")
+    assert refine["spec"]["template"]["spec"]["containers"][0]["image"] == "other:2"

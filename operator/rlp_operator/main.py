@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import os
+import socket
 from typing import Any
 
 import kopf
@@ -16,6 +18,7 @@ from rlp_operator.logs import setup_logging
 from rlp_operator.metrics import OperatorMetrics
 from rlp_operator.reconciler import EventRecorder, Reconciler, Settings
 from rlp_operator.runtime import HealthServer, WorkQueue, build_registry
+from rlp_operator.workload import JobDefaults
 
 log = logging.getLogger("rlp_operator")
 
@@ -44,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinate with other operator replicas through this KopfPeering object (needs kopf's peering CRDs)",
     )  # fmt: skip
     peering.add_argument("--standalone", action="store_true", help="no peering: assume this is the only operator")
+    p.add_argument(
+        "--priority", type=int, default=int(os.environ["RLP_OPERATOR_PRIORITY"]) if os.environ.get("RLP_OPERATOR_PRIORITY") else None,
+        help="kopf peering priority: the highest works, the others stand by (default with peering: a number "
+             "derived from the host name and process id, so that replicas differ)",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=int(os.environ.get("RLP_OPERATOR_WORKERS", 8)),
                    help="reconciles running at once (threads)")  # fmt: skip
     p.add_argument("--resync-seconds", type=float, default=_env_float("RLP_OPERATOR_RESYNC_SECONDS", 300.0),
@@ -54,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap of the retry backoff in seconds")  # fmt: skip
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
     return p
+
+
+def _distinct_priority() -> int:
+    """A priority unlikely to be shared by two replicas (kopf: the highest works, equal ones all pause)."""
+    seed = f"{socket.gethostname()}-{os.getpid()}".encode()
+    return 1 + int.from_bytes(hashlib.sha256(seed).digest()[:3], "big")
 
 
 async def _resync(queue: WorkQueue, every: float) -> None:
@@ -71,7 +85,7 @@ async def run_operator(args: argparse.Namespace) -> None:
     kube = Kube(pool_size=workers + 4)
     metrics = OperatorMetrics()
     events = EventRecorder(kube, background=True)
-    reconciler = Reconciler(kube, metrics=metrics, settings=settings, events=events)
+    reconciler = Reconciler(kube, metrics=metrics, settings=settings, events=events, defaults=JobDefaults.from_env())
     executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="rlp-reconcile")
     queue = WorkQueue(reconciler.reconcile, workers=workers, executor=executor, metrics=metrics)
     registry = build_registry(queue, reconciler, metrics)
@@ -84,11 +98,15 @@ async def run_operator(args: argparse.Namespace) -> None:
     peering: dict[str, Any] = {"standalone": True} if args.standalone else {}
     if args.peering:
         peering = {"peering_name": args.peering, "standalone": False}
+    if not args.standalone:
+        # kopf pauses every operator when peers share a priority: give each replica its own
+        peering["priority"] = args.priority if args.priority is not None else _distinct_priority()
     scope: dict[str, Any] = {"namespaces": args.namespace} if args.namespace else {"clusterwide": True}
     log.info(
         "operator starting",
         extra={"namespaces": ",".join(args.namespace) or "*", "workers": workers,
-               "backoff_base": settings.backoff_base, "peering": args.peering or ("none" if args.standalone else "auto")},
+               "backoff_base": settings.backoff_base, "peering": args.peering or ("none" if args.standalone else "auto"),
+               "priority": peering.get("priority")},
     )  # fmt: skip
     try:
         await kopf.operator(registry=registry, ready_flag=ready, stop_flag=stop, **scope, **peering)

@@ -289,8 +289,10 @@ class Reconciler:
         events: EventRecorder | None = None,
         settings: Settings | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        defaults: wl.JobDefaults | None = None,
     ):
         self.kube = kube
+        self.defaults = defaults or wl.JobDefaults()
         self.settings = settings or Settings()
         self.stores = stores or Stores(kube, self.settings.store_cache_seconds)
         self.metrics = metrics or OperatorMetrics()
@@ -325,8 +327,10 @@ class Reconciler:
         except SpecError as e:
             self._fail_run(step, "InvalidSpec", str(e))
             return self._commit(step, None)
+        spec_hash = locked_hash(run)  # of the run as written, not of the install's defaults
+        run = self.defaults.apply(run)
         try:
-            self._advance(step, run)
+            self._advance(step, run, spec_hash)
         except (StorageCredentialsError, StoreError) as e:
             # The store is unreachable or the credentials are wrong: say so on the run and look again
             # later. Decisions taken before the error in this step are real and are kept.
@@ -347,13 +351,12 @@ class Reconciler:
         step.wake(self.settings.storage_retry)
 
     # ---- the state machine ------------------------------------------------------------------------
-    def _advance(self, step: _Step, run: RLPRun) -> None:
+    def _advance(self, step: _Step, run: RLPRun, spec_hash: str) -> None:
         st = step.status
         gen = step.body["metadata"].get("generation")
         if st.phase in TERMINAL_RUN_STATES:
             self._after_finished(step, run)
             return
-        spec_hash = locked_hash(run)
         if not st.phases:
             self._init_plan(step, run, spec_hash)
         elif st.spec_hash and st.spec_hash != spec_hash:
@@ -792,7 +795,7 @@ class Reconciler:
         if annotations.get(wl.ANNOTATION_DELETE_CHECKPOINTS, "").lower() == "true":
             try:
                 run = parse_run({"metadata": {"name": name, "namespace": ns}, "spec": body.get("spec") or {}})
-                count = self.stores.delete_run_outputs(run)
+                count = self.stores.delete_run_outputs(self.defaults.apply(run))
                 message += f"; deleted {count} stored file(s) under the run's prefix ({wl.ANNOTATION_DELETE_CHECKPOINTS})"
             except Exception as e:
                 self.events.post(body, "Warning", "CheckpointsNotDeleted", f"could not delete stored outputs: {e}")

@@ -7,11 +7,14 @@ of creating it again: the Job of attempt N of phase P in round K is `<run>-r<K>-
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
-from rlp_core.spec import API_GROUP, API_VERSION, KIND, PhaseOverride, RLPRun
+from rlp_core.spec import API_GROUP, API_VERSION, KIND, PhaseOverride, Resources, RLPRun, SecretRef
 
 LABEL_RUN = "rlp.dev/run"
 LABEL_PHASE = "rlp.dev/phase"
@@ -34,6 +37,54 @@ CONTAINER = "phase"
 # Job names stay at most this long so that indexed pods' hostnames (`<job>-<index>`) fit in 63 characters.
 MAX_JOB_NAME = 52
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobDefaults:
+    """Install-wide defaults (the operator's environment) for runs that leave these fields unset.
+
+    `RLP_DEFAULT_JOB_IMAGE` replaces the model's default image; for `s3://` storage without them,
+    `RLP_S3_ENDPOINT`, `AWS_DEFAULT_REGION` and `RLP_DEFAULT_STORAGE_SECRET` (a Secret's name, looked up
+    in the run's namespace) fill `storage.endpoint`, `.region` and `.secretRef`. They are applied before
+    anything is rendered, so the ConfigMap the pods read, the pods' env and the operator's own manifest
+    checks all see the same storage. A field the run sets itself always wins.
+    """
+
+    image: str | None = None
+    s3_endpoint: str | None = None
+    region: str | None = None
+    storage_secret: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JobDefaults:
+        env = os.environ if env is None else env
+        return cls(
+            image=env.get("RLP_DEFAULT_JOB_IMAGE") or None,
+            s3_endpoint=env.get("RLP_S3_ENDPOINT") or None,
+            region=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or None,
+            storage_secret=env.get("RLP_DEFAULT_STORAGE_SECRET") or None,
+        )
+
+    def apply(self, run: RLPRun) -> RLPRun:
+        spec = run.spec
+        storage, resources = spec.storage, spec.resources
+        st: dict[str, Any] = {}
+        if storage.uri.startswith("s3://"):
+            if storage.endpoint is None and self.s3_endpoint:
+                st["endpoint"] = self.s3_endpoint
+            if storage.region is None and self.region:
+                st["region"] = self.region
+            if storage.secret_ref is None and self.storage_secret:
+                st["secret_ref"] = SecretRef(name=self.storage_secret)
+        res: dict[str, Any] = {}
+        if self.image and resources.image == Resources.model_fields["image"].default:
+            res["image"] = self.image
+        if not st and not res:
+            return run
+        new_spec = spec.model_copy(
+            update={"storage": storage.model_copy(update=st), "resources": resources.model_copy(update=res)}
+        )
+        return run.model_copy(update={"spec": new_spec})
 
 
 def _short_hash(text: str, n: int = 6) -> str:
