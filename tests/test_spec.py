@@ -50,3 +50,4 @@ def test_docs_spec_reference_is_current():
     assert (REPO / "docs" / "spec.md").read_text() == reference_markdown(), (
         "docs/spec.md is stale: regenerate it with "
         "python -c 'from rlp_core.spec import reference_markdown as r; open(\"docs/spec.md\",\"w\").write(r())'")
+
