@@ -192,15 +192,8 @@ def test_unparsable_manifest(tmp_path):
 @pytest.fixture
 def s3_phase(s3_server, s3_bucket) -> S3Store:
     """A phase prefix in a fresh bucket; 2 attempts per request keeps outage tests quick."""
-    return Store.from_uri(
-        f"s3://{s3_bucket}/data",
-        endpoint=s3_server.endpoint_url,
-        region=s3_server.region,
-        access_key=s3_server.access_key,
-        secret_key=s3_server.secret_key,
-        max_attempts=2,
-        timeout=10,
-    ).child(phase_prefix("ns", "run", 1, "optimize"))
+    return s3_server.store(f"s3://{s3_bucket}/data", max_attempts=2, timeout=10).child(
+        phase_prefix("ns", "run", 1, "optimize"))
 
 
 def _big_src(tmp_path: Path) -> Path:

@@ -162,15 +162,7 @@ def test_local_list_skips_interrupted_writes(tmp_path):
 @pytest.fixture
 def s3_store(s3_server, s3_bucket) -> S3Store:
     """A store under a fresh bucket; 2 attempts per request keeps outage tests quick."""
-    return Store.from_uri(
-        f"s3://{s3_bucket}/root",
-        endpoint=s3_server.endpoint_url,
-        region=s3_server.region,
-        access_key=s3_server.access_key,
-        secret_key=s3_server.secret_key,
-        max_attempts=2,
-        timeout=10,
-    )
+    return s3_server.store(f"s3://{s3_bucket}/root", max_attempts=2, timeout=10)
 
 
 @pytest.mark.s3

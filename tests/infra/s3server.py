@@ -140,6 +140,13 @@ class S3Server:
             "config": Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
         }
 
+    def store(self, uri: str, **options):
+        """An rlp_core Store on this server (``uri`` is ``s3://bucket/prefix``); options go to Store.from_uri."""
+        from rlp_core.store import Store
+
+        return Store.from_uri(uri, endpoint=self.endpoint_url, region=self.region, access_key=self.access_key,
+                              secret_key=self.secret_key, **options)
+
     def client(self):
         """A boto3 S3 client for this server."""
         import boto3
