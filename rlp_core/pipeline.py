@@ -41,7 +41,7 @@ from rlp_core.models import (
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.sampling import decode_responses, sample_responses
-from rlp_core.spec import RLPRun
+from rlp_core.spec import RLPRun, Storage
 from rlp_core.store import Store
 from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss, sft_loss
 from rlp_core.tasks import gold_judge
@@ -50,6 +50,17 @@ from rlp_core.telemetry import PhaseTelemetry
 POLICY_DIR, RM_DIR, SAMPLES_FILE, HISTORY_FILE = "policy", "reward_model", "samples.jsonl", "history.jsonl"
 POLICY_PRODUCERS = ("optimize", "sft")
 RM_PRODUCERS = ("synthesize", "refine", "reward")
+
+
+def store_for_uri(storage: Storage, uri: str) -> Store:
+    """A store rooted at a user-given URI, with the run's endpoint and region."""
+    return Store.from_uri(uri, endpoint=storage.endpoint, region=storage.region)
+
+
+def read_uri(storage: Storage, uri: str) -> bytes:
+    """The bytes of one object named by a full URI (a data file given in the spec)."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return store_for_uri(storage, parent).get_bytes(name)
 
 
 class PhaseError(RuntimeError):
@@ -104,16 +115,11 @@ class PhaseContext:
         return local
 
     def store_for_uri(self, uri: str) -> Store:
-        storage = self.spec.storage
-        return Store.from_uri(uri, endpoint=storage.endpoint, region=storage.region)
-
-    def read_bytes(self, uri: str) -> bytes:
-        parent, _, name = uri.rstrip("/").rpartition("/")
-        return self.store_for_uri(parent).get_bytes(name)
+        return store_for_uri(self.spec.storage, uri)
 
     def records(self, uri: str, record: type[Record]) -> list:
         try:
-            return load_records(uri, record, self.read_bytes)
+            return load_records(uri, record, lambda u: read_uri(self.spec.storage, u))
         except DataError as err:
             raise PhaseError(str(err)) from None
 
@@ -341,7 +347,7 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
             "baseline_score_mean": sum(base_scores) / len(prompts)}
 
 
-def validate_inputs(run: RLPRun, read_bytes: Callable[[str], bytes] | None = None) -> None:
+def validate_inputs(run: RLPRun) -> None:
     """Load every data file the plan reads, so a bad line fails before any training (DataError)."""
     spec, phases = run.spec, {phase for _, phase in run.spec.phase_plan()}
     sources: list[tuple[str, type[Record]]] = [(spec.prompts, Prompt), (spec.evaluation.prompts, Prompt)]
@@ -349,7 +355,7 @@ def validate_inputs(run: RLPRun, read_bytes: Callable[[str], bytes] | None = Non
         sources.append((spec.policy.sft.demonstrations, Demonstration))
     sources.append((spec.reward_model.human_preferences, PreferencePair))
     for uri, record in sources:
-        load_records(uri, record, read_bytes)
+        load_records(uri, record, lambda u: read_uri(spec.storage, u))
     if spec.evaluation.judge.startswith("builtin://"):
         try:
             gold_judge(spec.evaluation.judge)

@@ -48,8 +48,7 @@ def run_local(run: RLPRun, *, store_uri: str | None = None, cache_dir: Path | No
     root = Store.from_uri(store_uri or spec.storage.uri, endpoint=spec.storage.endpoint, region=spec.storage.region)
     cache_dir = cache_dir or Path(".rlp-cache")
     plan = spec.phase_plan()
-    validate_inputs(run, lambda uri: Store.from_uri(uri.rpartition("/")[0], endpoint=spec.storage.endpoint)
-                    .get_bytes(uri.rpartition("/")[2]))
+    validate_inputs(run)
     console.print(f"[bold]rlp run[/] {run.metadata.namespace}/{run.metadata.name}: {len(plan)} phases, store {root.uri}")
     results = []
     for i, (round, phase) in enumerate(plan, start=1):

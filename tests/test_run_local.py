@@ -82,3 +82,24 @@ def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp
     states = {p["phase"]: p["state"] for p in json.loads(
         (tmp_path / "cache" / "reports" / "default" / "quickstart" / "report.json").read_text())["phases"]}
     assert set(states.values()) == {"Cached"}
+
+
+def test_data_files_on_s3_are_validated_before_training(s3_server, s3_bucket, monkeypatch):
+    from rlp_core.data import DataError
+    from rlp_core.pipeline import validate_inputs
+    from rlp_core.spec import parse_run
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="data/prompts.jsonl", Body=b'{"prompt": "1+2="}\n{"prompt": "3+4="}\n')
+    client.put_object(Bucket=s3_bucket, Key="data/prefs.jsonl",
+                      Body=b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "2+2=", "chosen": 4}\n')
+    spec = {"prompts": f"s3://{s3_bucket}/data/prompts.jsonl", "storage": {"endpoint": s3_server.endpoint_url},
+            "rewardModel": {"humanPreferences": f"s3://{s3_bucket}/data/prefs.jsonl"}}
+    with pytest.raises(DataError) as err:
+        validate_inputs(parse_run({"spec": spec}))
+    assert f"s3://{s3_bucket}/data/prefs.jsonl:2: chosen: Input should be a valid string" in str(err.value)
+    client.put_object(Bucket=s3_bucket, Key="data/prefs.jsonl",
+                      Body=b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    validate_inputs(parse_run({"spec": spec}))
