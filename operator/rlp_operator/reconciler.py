@@ -279,6 +279,18 @@ class _Step:
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
 
+
+def create_or_get(kube, collection: str, ns: str, body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """Create `body`; on AlreadyExists read the existing object instead (creates stay idempotent across
+    operator restarts). Returns (created, existing); existing is None when created, or when it vanished."""
+    try:
+        kube.create(collection, ns, body)
+        return True, None
+    except KubeError as e:
+        if not e.conflict:
+            raise
+    return False, kube.get(collection, ns, body["metadata"]["name"])
+
 class Reconciler:
     def __init__(
         self,
@@ -590,22 +602,12 @@ class Reconciler:
         job = job_body["metadata"]["name"]
         self._ensure_configmap(run, owner, step.body["metadata"].get("generation"))
         if service is not None:
-            try:
-                self.kube.create(SERVICES, ns, service)
-            except KubeError as e:
-                if not e.conflict:
-                    raise
-        adopted = False
-        try:
-            self.kube.create(JOBS, ns, job_body)
-        except KubeError as e:
-            if not e.conflict:
-                raise
-            existing = self.kube.get(JOBS, ns, job)
-            if existing is None or not _owned_by(existing, uid):
-                step.wake(self.settings.stale_job_requeue)  # an old run's Job of that name is being deleted
-                return False
-            adopted = True
+            create_or_get(self.kube, SERVICES, ns, service)
+        created, existing = create_or_get(self.kube, JOBS, ns, job_body)
+        if not created and (existing is None or not _owned_by(existing, uid)):
+            step.wake(self.settings.stale_job_requeue)  # an old run's Job of that name is being deleted
+            return False
+        adopted = not created
         retry = rec.failures > 0
         rec.attempts = attempt
         rec.job = job
@@ -632,15 +634,10 @@ class Reconciler:
             return
         cm = wl.render_configmap(run, owner)
         ns, cm_name = run.metadata.namespace, cm["metadata"]["name"]
-        try:
-            self.kube.create(CONFIGMAPS, ns, cm)
-        except KubeError as e:
-            if not e.conflict:
-                raise
-            existing = self.kube.get(CONFIGMAPS, ns, cm_name)
-            if existing is not None and existing.get("data") != cm["data"]:
-                cm["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                self.kube.replace(CONFIGMAPS, ns, cm_name, cm)
+        created, existing = create_or_get(self.kube, CONFIGMAPS, ns, cm)
+        if not created and existing is not None and existing.get("data") != cm["data"]:
+            cm["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            self.kube.replace(CONFIGMAPS, ns, cm_name, cm)
         if len(self._configmaps) > 100_000:
             self._configmaps.clear()
         self._configmaps[key] = f"{ns}/{cm_name}"
