@@ -81,7 +81,8 @@ def load_policy(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMod
 def load_reward_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """An RM checkpoint, or a policy checkpoint to initialise one from (a fresh scalar head)."""
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    if model.config.pad_token_id is None:  # the score is read at the last non-pad token: it must know the pad id
+        model.config.pad_token_id = load_tokenizer(path).pad_token_id
     return model
 
 
