@@ -17,149 +17,36 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlp_core import ser, spg, uml
 from rlp_core.apa import APATrainer
-from rlp_core.data import (
-    DataError, Demonstration, PreferencePair, Prompt, Record, Sample, load_records, split_held_out, write_records,
+from rlp_core.context import (
+    HISTORY_FILE, POLICY_DIR, RM_DIR, SAMPLES_FILE, PhaseContext, PhaseError, read_uri, train_reward_model,
 )
+from rlp_core.data import DataError, Demonstration, PreferencePair, Prompt, Record, Sample, load_records, write_records
 from rlp_core.evaluate import win_rate
-from rlp_core.manifest import (
-    Manifest, code_version, fetch_phase_output, phase_prefix, publish_phase_output, utc_now, verify_manifest,
-)
+from rlp_core.manifest import Manifest, code_version, phase_prefix, publish_phase_output, utc_now, verify_manifest
 from rlp_core.models import (
-    build_tiny_policy, default_device, load_policy, load_reward_model, load_tokenizer, load_value_model,
-    reward_scores, save_model, train_tokenizer,
+    build_tiny_policy, load_policy, load_reward_model, load_tokenizer, load_value_model, reward_scores, save_model,
+    train_tokenizer,
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.sampling import decode_responses, sample_responses
-from rlp_core.spec import RLPRun, Storage
+from rlp_core.spec import RLPRun
 from rlp_core.store import Store
-from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss, sft_loss
+from rlp_core.supervised import fit, minibatches, sft_loss
 from rlp_core.tasks import gold_judge
 from rlp_core.telemetry import PhaseTelemetry
 
-POLICY_DIR, RM_DIR, SAMPLES_FILE, HISTORY_FILE = "policy", "reward_model", "samples.jsonl", "history.jsonl"
-POLICY_PRODUCERS = ("optimize", "sft")
-RM_PRODUCERS = ("synthesize", "refine", "reward")
-
-
-def store_for_uri(storage: Storage, uri: str) -> Store:
-    """A store rooted at a user-given URI, with the run's endpoint and region."""
-    return Store.from_uri(uri, endpoint=storage.endpoint, region=storage.region)
-
-
-def read_uri(storage: Storage, uri: str) -> bytes:
-    """The bytes of one object named by a full URI (a data file given in the spec)."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return store_for_uri(storage, parent).get_bytes(name)
-
-
-class PhaseError(RuntimeError):
-    """A phase cannot run (missing input, bad data); the message says what to fix."""
-
-
-@dataclass
-class PhaseContext:
-    run: RLPRun
-    round: int
-    phase: str
-    root: Store
-    cache_dir: Path
-    out_dir: Path
-    telemetry: PhaseTelemetry
-    device: torch.device = field(default_factory=default_device)
-
-    @property
-    def spec(self):
-        return self.run.spec
-
-    @property
-    def max_length(self) -> int:
-        return self.spec.policy.sft.tiny.max_positions
-
-    def store_of(self, round: int, phase: str) -> Store:
-        return self.root.child(phase_prefix(self.run.metadata.namespace, self.run.metadata.name, round, phase))
-
-    def fetch(self, round: int, phase: str) -> Path:
-        """Local, verified copy of a complete phase output (downloaded once per cache)."""
-        local = self.cache_dir / self.run.metadata.namespace / self.run.metadata.name / f"round-{round}" / phase
-        marker = local / ".complete"
-        if not marker.exists():
-            if local.exists():
-                shutil.rmtree(local)
-            fetch_phase_output(self.store_of(round, phase), local)
-            marker.touch()
-        return local
-
-    def fetch_uri(self, uri: str) -> Path:
-        """A user-given model directory: a local path as is, a store URI downloaded into the cache."""
-        if "://" not in uri or uri.startswith("file://"):
-            path = Path(uri.removeprefix("file://"))
-            if not (path / "config.json").exists():
-                raise PhaseError(f"{uri}: not a model directory (no config.json); give a save_pretrained directory")
-            return path
-        store = self.store_for_uri(uri)
-        local = self.cache_dir / "models" / uri.replace("://", "/").strip("/")
-        if not (local / ".complete").exists():
-            store.download_dir("", local, store.list())
-            (local / ".complete").touch()
-        return local
-
-    def store_for_uri(self, uri: str) -> Store:
-        return store_for_uri(self.spec.storage, uri)
-
-    def records(self, uri: str, record: type[Record]) -> list:
-        try:
-            return load_records(uri, record, lambda u: read_uri(self.spec.storage, u))
-        except DataError as err:
-            raise PhaseError(str(err)) from None
-
-    # --- which model a phase starts from ----------------------------------------------------------
-    def _latest(self, producers: tuple[str, ...]) -> tuple[int, str] | None:
-        plan = self.spec.phase_plan()
-        here = plan.index((self.round, self.phase))
-        for round, phase in reversed(plan[:here]):
-            if phase in producers and self.spec.phase_enabled(phase):
-                return round, phase
-        return None
-
-    def start_policy_dir(self) -> Path:
-        if self.spec.policy.model is not None:
-            return self.fetch_uri(self.spec.policy.model)
-        return self.fetch(0, "sft") / POLICY_DIR
-
-    def policy_dir(self) -> Path:
-        latest = self._latest(POLICY_PRODUCERS)
-        return self.start_policy_dir() if latest is None else self.fetch(*latest) / POLICY_DIR
-
-    def reward_model_dir(self) -> Path:
-        latest = self._latest(RM_PRODUCERS)
-        if latest is None:
-            if self.spec.reward_model.model is None:
-                raise PhaseError("no reward model: set spec.rewardModel.model or let the reward phase run")
-            return self.fetch_uri(self.spec.reward_model.model)
-        return self.fetch(*latest) / RM_DIR
-
-    def samples(self) -> list[Sample]:
-        return load_records(str(self.fetch(self.round, "generate") / SAMPLES_FILE), Sample)
-
-    def human_pairs(self) -> tuple[list[PreferencePair], list[PreferencePair]]:
-        """(train, held-out) human preference pairs; the split is fixed by the spec's seed."""
-        pairs = self.records(self.spec.reward_model.human_preferences, PreferencePair)
-        return split_held_out(pairs, self.spec.reward_model.held_out_fraction, self.spec.seed)
-
-    def gold(self) -> Callable[[str, str], float] | None:
-        judge = self.spec.evaluation.judge
-        return gold_judge(judge) if judge.startswith("builtin://") else None
+__all__ = ["HISTORY_FILE", "POLICY_DIR", "RM_DIR", "SAMPLES_FILE", "PhaseContext", "PhaseError", "execute_phase"]
 
 
 # --- phases --------------------------------------------------------------------------------------------
@@ -175,23 +62,6 @@ def run_sft(ctx: PhaseContext) -> dict[str, Any]:
     save_model(model, tokenizer, ctx.out_dir / POLICY_DIR)
     return {"demonstrations": len(demos), "steps": len(history), "final_sft_loss": history[-1]["sft_loss"],
             "vocab_size": len(tokenizer)}
-
-
-def train_reward_model(
-    ctx: PhaseContext, init_dir: Path, pairs: list[PreferencePair], training, description: str,
-) -> tuple[Any, Any, dict[str, float]]:
-    """Continue training the RM at `init_dir` on `pairs`; report held-out human accuracy before/after."""
-    tokenizer = load_tokenizer(init_dir)
-    model = load_reward_model(init_dir).to(ctx.device)
-    _, held_out = ctx.human_pairs()
-    before = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
-    batches = minibatches(pairs, training.batch_size, training.epochs, ctx.spec.seed + ctx.round)
-    history = fit(list(model.parameters()), batches, reward_loss(model, tokenizer, ctx.max_length), training,
-                  ctx.telemetry, description)
-    after = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
-    ctx.telemetry.set_accuracy("held_out", after)
-    return model, tokenizer, {"pairs": len(pairs), "steps": len(history), "final_reward_loss": history[-1]["reward_loss"],
-                              "rm_accuracy_held_out_before": before, "rm_accuracy_held_out": after}
 
 
 def run_reward(ctx: PhaseContext) -> dict[str, Any]:
@@ -232,19 +102,9 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
     return metrics
 
 
-def run_refine(ctx: PhaseContext) -> dict[str, Any]:
-    from rlp_core import uml
-
-    return uml.run_refine(ctx)
-
-
 def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     if ctx.spec.reward_learning.strategy == "ser":
-        from rlp_core import ser
-
         return ser.run_ser(ctx)
-    from rlp_core import spg
-
     return spg.run_synthesize(ctx)
 
 
@@ -364,7 +224,7 @@ def validate_inputs(run: RLPRun) -> None:
 
 
 PHASES: dict[str, Callable[[PhaseContext], dict[str, Any]]] = {
-    "sft": run_sft, "reward": run_reward, "generate": run_generate, "refine": run_refine,
+    "sft": run_sft, "reward": run_reward, "generate": run_generate, "refine": uml.run_refine,
     "synthesize": run_synthesize, "optimize": run_optimize, "evaluate": run_evaluate,
 }
 
