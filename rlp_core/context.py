@@ -39,6 +39,10 @@ def read_uri(storage: Storage, uri: str) -> bytes:
     return store_for_uri(storage, parent).get_bytes(name)
 
 
+# (trainer, step stats) -> None: an observer of the optimize phase's steps
+StepCallback = Callable[[Any, dict[str, float]], None]
+
+
 class PhaseError(RuntimeError):
     """A phase cannot run (missing input, bad data); the message says what to fix."""
 
@@ -53,6 +57,7 @@ class PhaseContext:
     out_dir: Path
     telemetry: PhaseTelemetry
     device: torch.device = field(default_factory=default_device)
+    step_callback: StepCallback | None = None  # called by optimize after each step (benchmarks, probes)
 
     @property
     def spec(self):
