@@ -35,6 +35,7 @@ class PreferencePair(Record):
     prompt: str = Field(..., min_length=1)
     chosen: str
     rejected: str
+    weight: float = Field(1.0, gt=0, description="Weight of the pair in the reward model's loss.")
 
 
 class Sample(Record):

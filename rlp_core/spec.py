@@ -135,6 +135,11 @@ class SPG(SpecModel):
         0.5, gt=0, le=1, description="Used when maxEntropy is unset: keep this most-confident share of prompts."
     )
     pairs_per_prompt: int = Field(1, ge=1, le=64)
+    synthetic_weight: float = Field(
+        1.0, gt=0, le=1000,
+        description="Loss weight of a synthetic pair relative to a human pair (human pairs can drown a few "
+        "hundred synthetic ones).",
+    )
     training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
 
 
