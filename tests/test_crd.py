@@ -89,19 +89,24 @@ def crd(kube_api):
     return kube_api
 
 
+# The least a cluster run needs: S3 storage (file:// is refused on a cluster).
+S3 = {"storage": {"uri": "s3://rlp-test/runs"}}
+
+
 def _create(api, ns, body, query="fieldValidation=Strict"):
     return raw(api, "POST", RUNS_PATH.format(ns=ns), body, query=query)
 
 
 def test_apiserver_fills_in_the_same_defaults_as_pydantic(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("defaults", {}))
+    status, obj = _create(crd, namespace, rlprun("defaults", S3))
     assert status == 201, obj
-    expected = RLPRunSpec().model_dump(mode="json", by_alias=True, exclude_none=True)
+    expected = RLPRunSpec.model_validate(S3).model_dump(mode="json", by_alias=True, exclude_none=True)
     assert obj["spec"] == expected
     # and with a partial spec: nested defaults under a given object
-    status, obj = _create(crd, namespace, rlprun("partial", {"optimization": {"algorithm": "apa"}, "rounds": 2}))
+    partial = {**S3, "optimization": {"algorithm": "apa"}, "rounds": 2}
+    status, obj = _create(crd, namespace, rlprun("partial", partial))
     assert status == 201, obj
-    expected = RLPRunSpec.model_validate({"optimization": {"algorithm": "apa"}, "rounds": 2})
+    expected = RLPRunSpec.model_validate(partial)
     assert obj["spec"] == expected.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
@@ -119,23 +124,40 @@ INVALID = [
     ({"backoffLimit": "three"}, "spec.backoffLimit"),
     ({"optimizaton": {}}, "optimizaton"),  # a typo: strict field validation names it
     ({"phases": {"optimise": {}}}, "optimise"),
+    # what the Job, the store or a phase would only find out later (issue #13)
+    ({"resources": {"memory": "lots"}}, "spec.resources.memory"),
+    ({"resources": {"cpu": "-4"}}, "spec.resources.cpu"),
+    ({"phases": {"evaluate": {"memory": "16 Gi"}}}, "spec.phases.evaluate.memory"),
+    ({"resources": {"image": ""}}, "spec.resources.image"),
+    ({"storage": {"uri": "s3://rlp-test/runs", "endpoint": "not a url"}}, "spec.storage.endpoint"),
+    ({"storage": {"uri": "s3://Bad_Bucket!!/x"}}, "spec.storage.uri"),
+    ({"storage": {"uri": "file://./runs"}}, "spec.storage.uri"),
+    ({"storage": {}}, "spec.storage.uri"),  # as `spec: {}`: the default file://./runs is for `rlp run` only
+    ({"prompts": "http://example.com/prompts.jsonl"}, "spec.prompts"),
+    ({"rewardModel": {"humanPreferences": "data/prefs.jsonl"}}, "spec.rewardModel.humanPreferences"),
+    ({"policy": {"model": "/models/sft"}}, "spec.policy.model"),
+    ({"evaluation": {"judge": "gpt-4"}}, "spec.evaluation.judge"),
+    ({"optimization": {"steps": 10**15}}, "spec.optimization.steps"),
+    ({"resources": {"priorityClassName": "High Priority"}}, "spec.resources.priorityClassName"),
+    ({"resources": {"nodeSelector": {f"k{i}": "v" for i in range(65)}}}, "spec.resources.nodeSelector"),
+    ({"evaluation": {"prompts": "s3://rlp-test/" + "x" * 3000}}, "spec.evaluation.prompts"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("spec,field", INVALID, ids=[f for _, f in INVALID])
 def test_invalid_runs_are_rejected_naming_the_field(crd, namespace, spec, field):
-    status, obj = _create(crd, namespace, rlprun("bad", spec))
+    status, obj = _create(crd, namespace, rlprun("bad", {**S3, **spec}))
     assert status in (400, 422), obj  # 400: strict decoding of an unknown field; 422: schema validation
     assert field in obj["message"], obj["message"]
 
 
 def test_long_run_name_is_rejected(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("r" * 51, {}))
+    status, obj = _create(crd, namespace, rlprun("r" * 51, S3))
     assert status == 422 and "metadata.name" in obj["message"], obj
 
 
 def test_training_fields_are_immutable_and_scheduling_fields_are_not(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("imm", {}))
+    status, obj = _create(crd, namespace, rlprun("imm", S3))
     assert status == 201, obj
     path = RUNS_PATH.format(ns=namespace) + "/imm"
     status, obj = raw(crd, "PATCH", path, {"spec": {"rounds": 3}}, content_type="application/merge-patch+json")
@@ -151,7 +173,7 @@ def test_training_fields_are_immutable_and_scheduling_fields_are_not(crd, namesp
 
 
 def test_printer_columns_and_short_name(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("cols", {}))
+    status, obj = _create(crd, namespace, rlprun("cols", S3))
     assert status == 201
     path = RUNS_PATH.format(ns=namespace) + "/cols/status"
     status, obj = raw(crd, "PATCH", path, {"status": {"phase": "Running", "currentPhase": "optimize", "round": 2,

@@ -233,7 +233,7 @@ def test_render_job_multi_node_and_kueue(tmp_path):
 
 
 def test_configmap_holds_the_spec_without_secret_values(tmp_path):
-    run = _run(tmp_path, storage={"uri": "s3://b/p", "secretRef": {"name": "creds"}})
+    run = _run(tmp_path, storage={"uri": "s3://bkt/p", "secretRef": {"name": "creds"}})
     cm = wl.render_configmap(run, OWNER)
     doc = json.loads(cm["data"]["spec.json"])
     assert doc["kind"] == "RLPRun" and doc["metadata"]["name"] == "demo"
@@ -596,7 +596,7 @@ def test_missing_storage_secret_is_reported_on_the_run_and_retried(tmp_path):
 def test_install_wide_job_defaults_fill_only_unset_fields(tmp_path):
     d = wl.JobDefaults.from_env({"RLP_DEFAULT_JOB_IMAGE": "reg/rlp-job:9", "RLP_S3_ENDPOINT": "http://s3:1",
                                  "AWS_DEFAULT_REGION": "eu-1", "RLP_DEFAULT_STORAGE_SECRET": "team-s3"})  # fmt: skip
-    run = d.apply(_run(tmp_path, storage={"uri": "s3://b/p"}))
+    run = d.apply(_run(tmp_path, storage={"uri": "s3://bkt/p"}))
     assert run.spec.resources.image == "reg/rlp-job:9"
     assert (run.spec.storage.endpoint, run.spec.storage.region) == ("http://s3:1", "eu-1")
     assert run.spec.storage.secret_ref.name == "team-s3"
@@ -604,7 +604,7 @@ def test_install_wide_job_defaults_fill_only_unset_fields(tmp_path):
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RLP_S3_ENDPOINT"]["value"] == "http://s3:1"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-s3"
-    own = d.apply(_run(tmp_path, storage={"uri": "s3://b/p", "endpoint": "http://mine", "secretRef": {"name": "mine"}},
+    own = d.apply(_run(tmp_path, storage={"uri": "s3://bkt/p", "endpoint": "http://mine", "secretRef": {"name": "mine"}},
                        resources={"image": "mine:1"}))  # fmt: skip
     assert (own.spec.storage.endpoint, own.spec.storage.secret_ref.name, own.spec.resources.image) == (
         "http://mine", "mine", "mine:1")  # fmt: skip

@@ -96,6 +96,17 @@ PRINTER_COLUMNS = [
 ]
 
 _DROP_KEYS = {"title", "additionalProperties", "propertyNames", "$defs", "$ref", "anyOf", "const"}
+# String rules of the spec model (`rlp_core.spec.Matches`): `x-rlp-match` is enforced everywhere,
+# `x-rlp-cluster-match` only here (what a job pod cannot read, such as local paths).
+_MATCH_KEYS = ("x-rlp-match", "x-rlp-cluster-match")
+
+
+def _match_rule(match: dict[str, str]) -> dict[str, str]:
+    """A `Matches` rule as CEL; its pattern has no quote or backslash, so it needs no escaping."""
+    pattern = match["pattern"]
+    if "'" in pattern or "\\" in pattern:
+        raise ValueError(f"pattern {pattern!r} must not contain quotes or backslashes (it is written into CEL)")
+    return {"rule": f"self.matches('{pattern}')", "message": match["message"]}
 
 
 def _models_by_name(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -207,6 +218,9 @@ class _Converter:
         out: dict[str, Any] = {}
         for key, value in schema.items():
             if key in _DROP_KEYS:
+                continue
+            if key in _MATCH_KEYS:
+                out.setdefault("x-kubernetes-validations", []).append(_match_rule(value))
                 continue
             if key == "properties":
                 out["properties"] = {k: self.node(v) for k, v in value.items()}
