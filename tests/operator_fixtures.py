@@ -165,14 +165,24 @@ class FakeKube:
         if obj and obj["metadata"].get("deletionTimestamp") and not obj["metadata"].get("finalizers"):
             del self.objects[(collection, ns, name)]
 
-    def list(self, collection: str, ns: str, *, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    def list(self, collection: str, ns: str, *, labels: dict[str, str] | None = None,
+             fields: dict[str, str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
         self.calls.append(("list", collection, ""))
         out = []
         for obj in self.all(collection, ns):
             have = obj["metadata"].get("labels") or {}
-            if all(have.get(k) == v for k, v in (labels or {}).items()):
+            if all(have.get(k) == v for k, v in (labels or {}).items()) and all(
+                _field(obj, path) == v for path, v in (fields or {}).items()
+            ):
                 out.append(obj)
         return out
+
+
+def _field(obj: dict[str, Any], path: str) -> Any:
+    """A field selector's value: `involvedObject.uid` -> obj["involvedObject"]["uid"]."""
+    for part in path.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
 
 
 def _merge(base: Any, patch: Any) -> Any:

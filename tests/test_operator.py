@@ -110,8 +110,8 @@ def test_retries_backoff_limit_and_metrics(rig):
     st = rig.wait_run("doomed", lambda s: s.get("phase") == "Failed", what="doomed Failed")
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
-    assert "generate (round 1)" in st["message"] and "exited with code 9" in st["message"]
-    assert "2 of backoffLimit 2" in st["message"]
+    assert "generate (round 1)" in failed["message"] and "exited with code 9" in failed["message"]
+    assert "2 of backoffLimit 2" in failed["message"] and len(st["message"]) <= 120
     gen = _phase_records(st)[("generate", 1)]
     assert (gen["attempts"], gen["failures"], gen["state"]) == (2, 2, "Failed")
     assert rig.job_names("doomed") == ["doomed-r1-generate-a1", "doomed-r1-generate-a2"]

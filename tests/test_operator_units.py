@@ -45,8 +45,8 @@ class Events:
 
 def base_spec(tmp_path, **overrides) -> dict:
     spec = {
-        "policy": {"model": "s3://models/sft/"},
-        "rewardModel": {"model": "s3://models/rm/"},
+        "policy": {"model": f"file://{tmp_path}/models/sft/"},
+        "rewardModel": {"model": f"file://{tmp_path}/models/rm/"},
         "rewardLearning": {"strategy": "rlp"},
         "storage": {"uri": f"file://{tmp_path}/store"},
         "backoffLimit": 3,
@@ -58,6 +58,9 @@ def base_spec(tmp_path, **overrides) -> dict:
 class Harness:
     def __init__(self, tmp_path, spec: dict | None = None, name: str = "demo", ns: str = "team", annotations=None):
         self.tmp_path = tmp_path
+        for model in ("sft", "rm"):  # what the preflight looks for in base_spec's model directories
+            (tmp_path / "models" / model).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "models" / model / "config.json").write_text("{}")
         self.kube = FakeKube()
         self.clock = Clock()
         self.metrics = OperatorMetrics(process=False)
@@ -269,7 +272,7 @@ def test_happy_path_through_all_phases(tmp_path):
     h = Harness(tmp_path)
     assert h.reconcile() is None
     body = h.body()
-    assert wl.FINALIZER in body["metadata"]["finalizers"]
+    assert not body["metadata"].get("finalizers")  # the garbage collector deletes its workloads (owner references)
     st = h.status()
     assert [(r.name, r.round) for r in st.phases] == [(p, 1) for p in FULL]
     assert st.phase == "Running" and st.current_phase == "generate" and st.round == 1
@@ -291,7 +294,7 @@ def test_happy_path_through_all_phases(tmp_path):
     assert h.jobs() == [f"demo-r1-{p}-a1" for p in sorted(FULL)]
     assert all(n == 1 for n in h.kube.creates.values())
     reasons = h.events.reasons()
-    assert reasons[:3] == ["Accepted", "PhaseStarted", "Started"]
+    assert reasons[:4] == ["Accepted", "Validated", "PhaseStarted", "Started"]
     assert reasons.count("PhaseStarted") == 5 and reasons.count("PhaseSucceeded") == 5
     assert reasons[-1] == "Succeeded"
     for phase in FULL:
@@ -366,7 +369,9 @@ def test_phase_that_always_fails_fails_the_run_after_backoff_limit_attempts(tmp_
     rec = st.phases[0]
     assert rec.state == "Failed" and rec.attempts == 2 and rec.failures == 2
     assert st.phase == "Failed" and st.current_phase == "generate"
-    assert "exited with code 7" in st.message and "2 of backoffLimit 2" in st.message
+    failed = st.condition("Failed").message  # the full text; status.message is the short MESSAGE column
+    assert "exited with code 7" in failed and "2 of backoffLimit 2" in failed and "CUDA out of memory" in failed
+    assert len(st.message) <= 120 and st.message.startswith("generate (round 1): Job demo-r1-generate-a2 failed")
     failed = st.condition("Failed")
     assert failed.status == "True" and failed.reason == "BackoffLimitExceeded"
     assert h.jobs() == ["demo-r1-generate-a1", "demo-r1-generate-a2"]
@@ -465,10 +470,29 @@ def test_suspend_status_written_but_job_not_yet_deleted(tmp_path):
     assert h.jobs() == ["demo-r1-generate-a2"]
 
 
+def test_only_runs_deleting_their_checkpoints_hold_a_finalizer(tmp_path):
+    """An operator that is gone cannot hold up `kubectl delete` or a namespace's deletion: a plain run has no
+    finalizer (its Jobs, Services and ConfigMap are owned by it, so the garbage collector deletes them), and
+    one left by an older operator is removed."""
+    h = Harness(tmp_path)
+    h.reconcile()
+    for kind in (JOBS, CONFIGMAPS):
+        for obj in h.kube.all(kind, "team"):
+            assert obj["metadata"]["ownerReferences"][0]["uid"] == h.body()["metadata"]["uid"]
+    h.kube.merge_patch(RUNS, "team", "demo", {"metadata": {"finalizers": [wl.FINALIZER]}})
+    h.reconcile()
+    assert not h.body()["metadata"].get("finalizers")
+    h.kube.merge_patch(RUNS, "team", "demo", {"metadata": {"annotations": {wl.ANNOTATION_DELETE_CHECKPOINTS: "true"}}})
+    h.reconcile()
+    assert h.body()["metadata"]["finalizers"] == [wl.FINALIZER]
+
+
 def test_delete_cleans_up_workloads_and_keeps_checkpoints(tmp_path):
+    """A run that still holds the finalizer (an older operator's) is cleaned up by the operator itself."""
     h = Harness(tmp_path)
     h.reconcile()
     h.complete_phase("generate")
+    h.kube.merge_patch(RUNS, "team", "demo", {"metadata": {"finalizers": [wl.FINALIZER]}})
     h.kube.delete(RUNS, "team", "demo")
     assert h.body()["metadata"]["deletionTimestamp"]
     h.reconcile()
@@ -501,8 +525,6 @@ def test_ttl_after_finished_deletes_the_run(tmp_path):
     h.clock.advance(29)
     assert h.reconcile() == pytest.approx(1)
     h.clock.advance(1)
-    h.reconcile()
-    assert h.body()["metadata"].get("deletionTimestamp")  # finalizer cleanup follows
     h.reconcile()
     assert h.body() is None
     assert "Expired" in h.events.reasons()
