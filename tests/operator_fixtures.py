@@ -400,12 +400,15 @@ class ClusterRig:
             {"metadata": {"name": self.SECRET},
              "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}},
         )  # fmt: skip
+        s3 = s3_server.client()
+        for model in ("sft", "rm"):  # the starting models spec() names, as the operator's preflight finds them
+            s3.put_object(Bucket=bucket, Key=f"models/{model}/config.json", Body=b"{}")
 
     # -- runs
     def spec(self, **overrides: Any) -> dict[str, Any]:
         spec: dict[str, Any] = {
-            "policy": {"model": "s3://models/sft/"},
-            "rewardModel": {"model": "s3://models/rm/"},
+            "policy": {"model": f"s3://{self.bucket}/models/sft/"},
+            "rewardModel": {"model": f"s3://{self.bucket}/models/rm/"},
             "rewardLearning": {"strategy": "rlp"},
             "storage": {"uri": f"s3://{self.bucket}/runs", "endpoint": self.s3.endpoint_url,
                         "secretRef": {"name": self.SECRET}},

@@ -86,7 +86,7 @@ OPERATOR_NEEDS = {
     ("", "services", "list"), ("", "services", "create"), ("", "services", "delete"),
     ("", "configmaps", "get"), ("", "configmaps", "list"), ("", "configmaps", "create"),
     ("", "configmaps", "update"), ("", "configmaps", "delete"),
-    ("", "events", "create"),
+    ("", "events", "create"), ("", "events", "list"),
     ("", "secrets", "get"),
 }  # fmt: skip
 CRD_OBSERVER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}

@@ -446,10 +446,10 @@ def test_operator_runs_a_full_rlprun_with_only_the_charts_rbac(control_plane, ku
             assert {"rlp_runs", "rlp_run_info", "rlp_phase_duration_seconds_bucket", "rlp_phase_retries_total",
                     "rlp_phase_transitions_total", "rlp_reconcile_errors_total"} <= operator_names  # fmt: skip
 
-            # deleting the run: the finalizer's cleanup lists and deletes Jobs, Services and ConfigMaps
+            # deleting the run: the garbage collector deletes the Jobs, Services and ConfigMap it owns
             raw(kube_api, "DELETE", f"/apis/rlp.dev/v1alpha1/namespaces/{namespace}/rlpruns/chart-rbac")
             wait_until(lambda: rig.get_run("chart-rbac") is None, timeout=30, what="run deleted")
-            assert not rig.jobs("chart-rbac")
+            wait_until(lambda: not rig.jobs("chart-rbac"), timeout=30, what="the run's Jobs deleted")
         finally:
             rig.operator.kill()
         log = (tmp_path / "operator-sa.log").read_text(errors="replace")
