@@ -713,10 +713,10 @@ class Reconciler:
         except KubeError as e:
             if e.status not in REJECTED:
                 raise
-            # Rendered from spec.resources and spec.phases, which may change mid-run: the run waits for a
-            # fixed spec (a spec change reconciles it again) instead of retrying the same Job forever.
-            step.problem = ("JobRejected", f"Job {job} was refused by the apiserver: {e.message}; fix spec.resources "
-                                           "or spec.phases and the run continues")  # fmt: skip
+            # Rendered from spec.resources, spec.phases and the pod-annotations annotation, which may change
+            # mid-run: the run waits for the fix (a change reconciles it again) instead of retrying forever.
+            step.problem = ("JobRejected", f"Job {job} was refused by the apiserver: {e.message}; fix "
+                            f"spec.resources, spec.phases or {wl.ANNOTATION_POD_ANNOTATIONS} and the run continues")  # fmt: skip
             return False
         if not created and (existing is None or not _owned_by(existing, uid)):
             step.wake(self.settings.stale_job_requeue)  # an old run's Job of that name is being deleted

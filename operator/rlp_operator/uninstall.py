@@ -94,13 +94,17 @@ def _release(kube: Kube, run: dict[str, Any]) -> None:
                 wl.FINALIZER, meta["namespace"], meta["name"])  # fmt: skip
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlp operator uninstall", description=__doc__.split("\n\n")[0])
     p.add_argument("--namespace", "-n", action="append", default=[],
-                   help="namespace whose runs to delete (repeatable); all namespaces when unset")  # fmt: skip
+                   help="namespace (or glob pattern) whose runs to delete (repeatable); all namespaces when unset")  # fmt: skip
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the runs and Jobs to be gone")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     kube = Kube()
     try:
