@@ -151,6 +151,16 @@ def test_invalid_runs_are_rejected_naming_the_field(crd, namespace, spec, field)
     assert field in obj["message"], obj["message"]
 
 
+def test_an_empty_spec_is_refused_on_a_cluster_and_nulls_pass(crd, namespace):
+    """`rlp run` defaults to file:// storage; on a cluster that would be the operator's own disk."""
+    for name, body in (("empty", rlprun("empty", {})), ("nospec", {**rlprun("nospec", {}), "spec": None})):
+        status, obj = _create(crd, namespace, {k: v for k, v in body.items() if v is not None})
+        assert status == 422 and "spec.storage.uri" in obj["message"] and "s3://" in obj["message"], obj
+    nulls = {**S3, "policy": {"model": None}, "storage": {**S3["storage"], "endpoint": None}}
+    status, obj = _create(crd, namespace, rlprun("nulls", nulls))
+    assert status == 201, obj
+
+
 def test_long_run_name_is_rejected(crd, namespace):
     status, obj = _create(crd, namespace, rlprun("r" * 51, S3))
     assert status == 422 and "metadata.name" in obj["message"], obj
