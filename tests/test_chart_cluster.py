@@ -449,7 +449,7 @@ def test_operator_runs_a_full_rlprun_with_only_the_charts_rbac(control_plane, ku
             # deleting the run: the garbage collector deletes the Jobs, Services and ConfigMap it owns
             raw(kube_api, "DELETE", f"/apis/rlp.dev/v1alpha1/namespaces/{namespace}/rlpruns/chart-rbac")
             wait_until(lambda: rig.get_run("chart-rbac") is None, timeout=30, what="run deleted")
-            wait_until(lambda: not rig.jobs("chart-rbac"), timeout=30, what="the run's Jobs deleted")
+            wait_until(lambda: not rig.jobs("chart-rbac"), timeout=90, what="the run's Jobs deleted (GC)")
         finally:
             rig.operator.kill()
         log = (tmp_path / "operator-sa.log").read_text(errors="replace")

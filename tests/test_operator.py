@@ -218,8 +218,9 @@ def test_delete_cleans_up_workloads_and_keeps_checkpoints_unless_asked(rig):
     while (rig.get_run("keep") or rig.get_run("wipe")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert rig.get_run("keep") is None and rig.get_run("wipe") is None
-    # `keep` has no finalizer: the garbage collector deletes what it owns; `wipe` was cleaned by the operator
-    deadline = time.monotonic() + 30
+    # `keep` has no finalizer: the garbage collector deletes what it owns (it may take its next discovery,
+    # about 30 s, to learn of a just-installed CRD); `wipe` was cleaned up by the operator
+    deadline = time.monotonic() + 90
     while (rig.jobs() or rig.core.list_namespaced_config_map(rig.ns, label_selector="rlp.dev/run").items) \
             and time.monotonic() < deadline:  # fmt: skip
         time.sleep(0.1)

@@ -100,7 +100,8 @@ def test_storage_problems_wait_with_the_fix_and_the_run_goes_on_once_fixed(rig):
         "AWS_ACCESS_KEY_ID": "AKIAWRONG", "AWS_SECRET_ACCESS_KEY": "wrong"}})  # fmt: skip
     rig.create_run("bad-keys", rig.spec(storage={**rig.spec()["storage"], "secretRef": {"name": "wrong"}}))
     for name, words in (("no-bucket", f"bucket '{missing}' does not exist; create it first"),
-                        ("no-secret", "Secret"), ("bad-keys", "access denied")):  # fmt: skip
+                        ("no-secret", f"Secret {rig.ns}/nope not found"),
+                        ("bad-keys", "access key")):  # versitygw: "No user exists with the provided access key ID"  # fmt: skip
         st = _wait_reason(rig, name, "Ready", "False", "StorageUnavailable")
         assert words in _cond(st, "Ready")["message"], st
         assert st["phase"] == "Pending" and rig.jobs(name) == []
@@ -121,9 +122,11 @@ def test_storage_problems_wait_with_the_fix_and_the_run_goes_on_once_fixed(rig):
 
 
 def test_jobs_that_cannot_start_are_reflected_on_the_run(rig):
+    from kubernetes import client
+
+    pc = f"missing-pc-{rig.ns}"
     cases = {
-        "no-sa": ({"serviceAccountName": "missing-sa"}, "FailedCreate", "missing-sa"),
-        "no-pc": ({"priorityClassName": "missing-pc"}, "FailedCreate", "missing-pc"),
+        "no-pc": ({"priorityClassName": pc}, "FailedCreate", pc),
         "no-queue": ({"queue": "no-such-queue"}, "WaitingForAdmission", "no-such-queue"),
         "too-big": ({"gpusPerPod": 64}, "Unschedulable", "nvidia.com/gpu"),
     }
@@ -134,13 +137,17 @@ def test_jobs_that_cannot_start_are_reflected_on_the_run(rig):
         assert st["phase"] == "Running" and words in _cond(st, "Ready")["message"], st
         assert len(st["message"]) <= 120
         wait_until(lambda n=name, r=reason: r in rig.event_reasons(n), timeout=10, what=f"{name}: {reason} event")
-    # fixed mid-run (the field may change): the next attempt uses it; here the ServiceAccount appears instead
-    rig.core.create_namespaced_service_account(rig.ns, {"metadata": {"name": "missing-sa"}})
-    job = rig.wait_phase_running("no-sa", "generate")
-    rig.wait_pod_running(job, timeout=60)  # the Job controller retries pod creation with its own backoff
-    st = rig.wait_run("no-sa", lambda s: _cond(s, "Ready").get("reason") == "Progressing", timeout=SOON,
-                      what="Ready back to Progressing")  # fmt: skip
-    assert st["message"] == f"generate (round 1) attempt 1: Job {job}"
+    # the user creates what was missing: the Job's pods start and the run says so
+    scheduling = client.SchedulingV1Api(rig.api)
+    scheduling.create_priority_class({"metadata": {"name": pc}, "value": 1000})
+    try:
+        job = rig.wait_phase_running("no-pc", "generate")
+        rig.wait_pod_running(job, timeout=60)  # the Job controller retries pod creation with its own backoff
+        st = rig.wait_run("no-pc", lambda s: _cond(s, "Ready").get("reason") == "Progressing", timeout=SOON,
+                          what="Ready back to Progressing")  # fmt: skip
+        assert st["message"] == f"generate (round 1) attempt 1: Job {job}"
+    finally:
+        scheduling.delete_priority_class(pc)
 
 
 def test_a_job_the_apiserver_refuses_is_shown_and_the_run_continues_once_fixed(rig):

@@ -270,7 +270,7 @@ def test_job_outcome():
 
 def test_happy_path_through_all_phases(tmp_path):
     h = Harness(tmp_path)
-    assert h.reconcile() is None
+    assert h.reconcile() == h.reconciler.settings.workload_check  # look again: is the new Job starting?
     body = h.body()
     assert not body["metadata"].get("finalizers")  # the garbage collector deletes its workloads (owner references)
     st = h.status()

@@ -730,6 +730,7 @@ class Reconciler:
         rec.next_attempt_at = None
         verb = "adopted existing" if adopted else "created"
         self._transition(step, rec, "Running", "JobCreated", f"attempt {attempt}: {verb} Job {job}")
+        step.wake(self.settings.workload_check)  # watch the Job start (`_watch_start`)
         phase, round_ = rec.name, rec.round
         if retry:
             step.after.append(lambda: self.metrics.retry(phase))

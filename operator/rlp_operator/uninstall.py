@@ -72,7 +72,19 @@ def uninstall(kube: Kube, namespaces: list[str], timeout: float, poll: float = 1
         if left < timeout / 2:  # the operator should have finalized these by now: it is not running
             for run in runs:
                 _release(kube, run)
+        _delete_orphans(kube, runs, jobs)
         time.sleep(poll)
+
+
+def _delete_orphans(kube: Kube, runs: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
+    """Delete the Jobs whose run is gone. The garbage collector would too, but it learns of a newly
+    installed CRD's objects only at its next discovery (about 30 s), and the hook should not wait on it."""
+    alive = {run["metadata"]["uid"] for run in runs}
+    for job in jobs:
+        meta = job["metadata"]
+        owners = {ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "RLPRun"}
+        if owners and not owners & alive and not meta.get("deletionTimestamp"):
+            kube.delete(JOBS, meta["namespace"], meta["name"], propagation="Background")
 
 
 def _release(kube: Kube, run: dict[str, Any]) -> None:
