@@ -643,3 +643,83 @@ def test_defaults_do_not_count_as_a_spec_change(tmp_path):
     assert h.status().phase == "Running"
     refine = h.kube.get(JOBS, "team", "demo-r1-refine-a1")
     assert refine["spec"]["template"]["spec"]["containers"][0]["image"] == "other:2"
+
+
+# ---- problems a run must show (issue #13) ---------------------------------------------------------
+
+
+def test_preflight_fails_the_run_before_any_job_when_an_input_is_missing(tmp_path):
+    h = Harness(tmp_path, base_spec(tmp_path, policy={"model": f"file://{tmp_path}/models/nothing/"}))
+    (tmp_path / "models" / "nothing").mkdir()
+    h.reconcile()
+    st = h.status()
+    assert st.phase == "Failed" and h.jobs() == []
+    failed = st.condition("Failed")
+    assert failed.reason == "InputNotFound" and "spec.policy.model" in failed.message
+    assert st.condition("Validated").status == "False"
+    assert h.events.reasons()[-1] == "Failed"
+    # a local data path (admitted by an older CRD) is refused: the pods could not read it
+    h2 = Harness(tmp_path, base_spec(tmp_path, prompts=str(tmp_path / "prompts.jsonl")), name="local")
+    h2.reconciler.reconcile("team", "local")
+    st = RLPRunStatus.from_body(h2.kube.get(RUNS, "team", "local"))
+    assert st.condition("Failed").reason == "InvalidInput" and "spec.prompts" in st.condition("Failed").message
+
+
+def test_preflight_runs_once_and_not_for_runs_that_already_started(tmp_path):
+    h = Harness(tmp_path)
+    h.reconcile()
+    assert h.status().condition("Validated").status == "True"
+    (tmp_path / "models" / "sft" / "config.json").unlink()  # gone after the check: not looked for again
+    h.complete_phase("generate")
+    assert h.status().phase == "Running" and h.events.reasons().count("Validated") == 1
+
+
+def test_a_rejected_job_is_shown_and_retried_only_when_the_run_changes(tmp_path):
+    h = Harness(tmp_path)
+    h.kube.fail_next[("create", JOBS)] = KubeError(422, "Invalid", 'Job.batch "x" is invalid: spec.template...')
+    assert h.reconcile() is None  # no blind retry: a change to the run reconciles it again
+    st = h.status()
+    ready = st.condition("Ready")
+    assert (ready.status, ready.reason) == ("False", "JobRejected") and "is invalid" in ready.message
+    assert st.phase == "Pending" and h.record("generate").state == "Pending" and h.jobs() == []
+    assert h.events.reasons().count("JobRejected") == 1
+    h.reconcile()  # the same problem again: no second Event
+    assert h.events.reasons().count("JobRejected") == 1
+    h.kube.merge_patch(RUNS, "team", "demo", {"spec": {"resources": {"memory": "16Gi"}}})
+    h.reconcile()
+    assert h.jobs() == ["demo-r1-generate-a1"] and h.status().condition("Ready").reason == "Progressing"
+
+
+def test_a_spec_too_large_for_its_configmap_fails_the_run(tmp_path):
+    h = Harness(tmp_path)
+    h.kube.fail_next[("create", CONFIGMAPS)] = KubeError(422, "Invalid", "ConfigMap is invalid: []: Too long: must "
+                                                         "have at most 1048576 bytes")  # fmt: skip
+    h.reconcile()
+    st = h.status()
+    assert st.phase == "Failed" and st.condition("Failed").reason == "SpecTooLarge" and h.jobs() == []
+
+
+def test_an_unexpected_error_is_shown_on_the_run_with_its_retry(tmp_path):
+    h = Harness(tmp_path)
+    h.kube.fail_next[("create", JOBS)] = KubeError(500, "InternalError", "etcdserver: request timed out")
+    assert h.reconcile() == 1.0  # settings.error_backoff: 1 s, doubling
+    st = h.status()
+    ready = st.condition("Ready")
+    assert (ready.status, ready.reason) == ("False", "ReconcileError")
+    assert "etcdserver: request timed out" in ready.message and "retry 1 in 1s" in ready.message
+    assert st.message and len(st.message) <= 120
+    h.kube.fail_next[("create", JOBS)] = KubeError(500, "InternalError", "etcdserver: request timed out")
+    assert h.reconcile() == 2.0
+    h.reconcile()  # the apiserver is back
+    assert h.jobs() == ["demo-r1-generate-a1"] and h.status().condition("Ready").reason == "Progressing"
+
+
+def test_runs_without_status_are_counted_as_new(tmp_path):
+    m = OperatorMetrics(process=False)
+    m.observe_new_run("team", "fresh", RLPRunStatus())
+    m.observe_new_run("team", "old", RLPRunStatus(phase="Running"))
+    m.observe_run("team", "old", RLPRunStatus(phase="Succeeded"))
+    m.observe_new_run("team", "old", RLPRunStatus(phase="Running"))  # an older view does not win
+    assert m.registry.get_sample_value("rlp_runs", {"state": "New"}) == 1
+    assert m.registry.get_sample_value("rlp_runs", {"state": "Succeeded"}) == 1
+    assert m.registry.get_sample_value("rlp_runs", {"state": "Running"}) == 0
