@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,33 @@ def test_schema_is_structural():
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Current", "Round", "Age", "Message"]
     assert version["subresources"] == {"status": {}}
     assert crd_dict()["spec"]["names"]["shortNames"] == ["rlp"]
+
+
+def _largest_json(node) -> int:
+    """Bytes of the largest JSON value the schema admits (every string, list and map at its bound)."""
+    if "enum" in node:
+        return max(len(json.dumps(v)) for v in node["enum"])
+    kind = node["type"]
+    if kind == "string":
+        return node["maxLength"] * 6 + 2  # worst case: every character escaped as \uXXXX
+    if kind in ("integer", "number"):
+        return 24
+    if kind == "boolean":
+        return 5
+    if kind == "array":
+        return 2 + node["maxItems"] * (_largest_json(node["items"]) + 1)
+    if "additionalProperties" in node:  # a map: its keys are bounded by a CEL rule
+        key = int(next(r["rule"].split("<= ")[1].rstrip(")") for r in node["x-kubernetes-validations"]
+                       if r["rule"].startswith("self.all(k, k.size()")))  # fmt: skip
+        return 2 + node["maxProperties"] * (key * 6 + 4 + _largest_json(node["additionalProperties"]))
+    return 2 + sum(len(k) + 4 + _largest_json(v) for k, v in node["properties"].items())
+
+
+def test_the_largest_spec_the_crd_admits_fits_its_configmap():
+    """Every string, list and map of the spec is bounded (a KeyError here names an unbounded one), so a run
+    the apiserver admits always fits its `<run>-spec` ConfigMap (at most 1 MiB)."""
+    spec = crd_dict()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert _largest_json(spec) < 1024 * 1024 // 2  # the ConfigMap holds the spec indented: room for it
 
 
 def test_rendered_yaml_round_trips():

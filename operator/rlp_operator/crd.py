@@ -254,6 +254,11 @@ class _Converter:
                 out["additionalProperties"] = self.node(extra)
             else:  # dict[str, Any]
                 out["x-kubernetes-preserve-unknown-fields"] = True
+            key_limit = (schema.get("propertyNames") or {}).get("maxLength")
+            if key_limit is not None:  # OpenAPI has no propertyNames: a CEL rule bounds the keys
+                out.setdefault("x-kubernetes-validations", []).append(
+                    {"rule": f"self.all(k, k.size() <= {key_limit})", "message": f"keys must be at most {key_limit} characters"}
+                )
         if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
             out["x-kubernetes-preserve-unknown-fields"] = True
         return out
