@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rlp_core.context import RM_DIR, PhaseContext, train_reward_model
 from rlp_core.data import PreferencePair, Sample
 from rlp_core.models import load_reward_model, load_tokenizer, save_model
 from rlp_core.reward_learning import by_prompt, gold_accuracy, gold_agreement, histogram
@@ -160,9 +161,7 @@ def synthetic_pairs(group: PromptClusters, pairs_per_prompt: int) -> list[Prefer
             for c in others[:pairs_per_prompt]]
 
 
-def run_synthesize(ctx) -> dict[str, Any]:
-    from rlp_core.pipeline import RM_DIR, train_reward_model
-
+def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     cfg = ctx.spec.reward_learning.spg
     samples = ctx.samples()
     groups = cluster_prompts(samples, equivalence_for(cfg))
