@@ -247,7 +247,7 @@ def test_operator_flags_are_the_operators_own():
     assert args.peering == "rlp-peering" and not args.standalone
     assert args.namespace == ["ml-team-a", "ml-team-b"]
     assert (args.log_level, args.workers, args.resync_seconds) == ("debug", 16, 120.0)
-    assert (args.backoff_base, args.backoff_max) == (5.0, 600.0)
+    assert (args.backoff_base, args.backoff_max, args.unschedulable_grace_seconds) == (5.0, 600.0, 900.0)
     assert one(full, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
     env = {e["name"]: e for e in operator_container(full)["env"]}
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # kopf's peer identity
