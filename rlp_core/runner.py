@@ -130,6 +130,8 @@ def _print_summary(console: Console, report: RunReport) -> None:
     if ev:
         console.print(f"win-rate vs the starting policy: [bold]{ev['win_rate']:.3f}[/] "
                       f"({ev['confidence']:.0%} CI {ev['ci_low']:.3f}–{ev['ci_high']:.3f}, n={ev['n']}, judge {ev['judge']})")
+        console.print(f"mean score under the judge: {ev['policy_score_mean']:.3f} (starting policy "
+                      f"{ev['baseline_score_mean']:.3f})")
     if report.curves_png:
         console.print(f"curves: {report.curves_png}")
     console.print(f"report: {report.report_json}")
