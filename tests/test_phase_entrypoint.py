@@ -112,7 +112,7 @@ def test_torchrun_argv_from_the_indexed_jobs_environment():
     cmd = torchrun_argv(argv, env)
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nnodes=3", "--nproc-per-node=4", "--node-rank=2",
                    "--master-addr=run-r2-optimize-a1-0.run-r2-optimize-a1", "--master-port=29500",
-                   "-m", "rlp_jobs", *argv]  # fmt: skip
+                   "-m", "rlp_cli", *argv]  # fmt: skip
     # the node rank falls back to the Job's completion index; GPUS_PER_NODE or the visible GPUs give the width
     cmd = torchrun_argv(argv, {"NNODES": "2", "GPUS_PER_NODE": "2", "JOB_COMPLETION_INDEX": "1"})
     assert "--node-rank=1" in cmd and "--nproc-per-node=2" in cmd and "--master-addr=127.0.0.1" in cmd

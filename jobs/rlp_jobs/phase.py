@@ -35,7 +35,7 @@ def torchrun_argv(argv: list[str], env: dict[str, str], local_gpus: int = 1) -> 
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
             f"--node-rank={env.get('NODE_RANK', env.get('JOB_COMPLETION_INDEX', '0'))}",
             f"--master-addr={env.get('MASTER_ADDR', '127.0.0.1')}", f"--master-port={env.get('MASTER_PORT', '29500')}",
-            "-m", "rlp_jobs", *argv]
+            "-m", "rlp_cli", *argv]
 
 
 def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, cache_dir: Path,
