@@ -28,9 +28,12 @@ POLICY_PRODUCERS = ("optimize", "sft")
 RM_PRODUCERS = ("synthesize", "refine", "reward")
 
 
-def store_for_uri(storage: Storage, uri: str) -> Store:
-    """A store rooted at a user-given URI, with the run's endpoint and region."""
-    return Store.from_uri(uri, endpoint=storage.endpoint, region=storage.region)
+def store_for_uri(storage: Storage, uri: str | None = None) -> Store:
+    """A store rooted at `uri` (default: the run's storage root), with the run's endpoint, region,
+    timeouts and retry budget."""
+    return Store.from_uri(uri or storage.uri, endpoint=storage.endpoint, region=storage.region,
+                          timeout=storage.read_timeout_seconds, connect_timeout=storage.connect_timeout_seconds,
+                          retry_seconds=storage.retry_seconds)
 
 
 def read_uri(storage: Storage, uri: str) -> bytes:

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from rlp_core.context import store_for_uri
 from rlp_core.manifest import phase_prefix
 from rlp_core.pipeline import HISTORY_FILE, PhaseResult, execute_phase, validate_inputs
 from rlp_core.spec import RLPRun
@@ -45,7 +46,7 @@ def run_local(run: RLPRun, *, store_uri: str | None = None, cache_dir: Path | No
               report_dir: Path | None = None, console: Console | None = None) -> RunReport:
     console = console or Console(stderr=True)
     spec = run.spec
-    root = Store.from_uri(store_uri or spec.storage.uri, endpoint=spec.storage.endpoint, region=spec.storage.region)
+    root = store_for_uri(spec.storage, store_uri)
     cache_dir = cache_dir or Path(".rlp-cache")
     plan = spec.phase_plan()
     validate_inputs(run)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "rlp.dev"
@@ -242,10 +242,32 @@ class SecretRef(SpecModel):
 
 
 class Storage(SpecModel):
+    """Where phase outputs live (layout: docs/storage.md) and how long S3 trouble is waited out."""
+
     uri: str = Field("file://./runs", description="Root for checkpoints and phase outputs: s3://bucket/prefix or file://dir.")
     endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS servers.")
     region: str | None = None
     secret_ref: SecretRef | None = Field(None, description="Credentials for s3:// (cluster runs).")
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="S3: give up one connection attempt after this long.")
+    read_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="S3: give up one request whose server sends nothing for this long."
+    )
+    retry_seconds: float = Field(
+        120.0, ge=0, le=86400,
+        description="S3: keep retrying an unreachable, timing-out or 5xx-answering server (with backoff) this long; "
+        "an outage shorter than this is ridden out.",
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep a phase's resumable checkpoints (_checkpoints/) after it succeeds (default: delete them)."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _supported_scheme(cls, uri: str) -> str:
+        scheme = uri.split("://", 1)[0] if "://" in uri else ""
+        if scheme not in ("", "file", "s3"):
+            raise ValueError(f"unsupported storage scheme {scheme}://; use s3://bucket/prefix or file://dir")
+        return uri
 
 
 class Toleration(SpecModel):

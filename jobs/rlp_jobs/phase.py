@@ -49,7 +49,8 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
     # the training stack is imported only once the spec is known to be good (a bad spec fails in a second)
     from rlp_core.data import DataError
     from rlp_core.pipeline import PhaseError, execute_phase
-    from rlp_core.store import Store, StoreError
+    from rlp_core.context import store_for_uri
+    from rlp_core.store import StoreError
     from rlp_core.telemetry import PhaseTelemetry
 
     if name == "optimize":
@@ -65,7 +66,6 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
     elif int(os.environ.get("NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", "0"))) != 0:
         log.info("phase %s runs on node 0 only; node %s has nothing to do", name, os.environ.get("NODE_RANK"))
         return 0
-    storage = run.spec.storage
     telemetry = PhaseTelemetry(run.metadata.name, round, name)
     if metrics_port and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
@@ -73,8 +73,7 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
         except OSError as err:  # a phase without /metrics beats a failed phase
             log.warning("cannot serve /metrics on port %d: %s; the phase runs without it", metrics_port, err)
     try:
-        root = Store.from_uri(store_uri or storage.uri, endpoint=storage.endpoint or os.environ.get("RLP_S3_ENDPOINT"),
-                              region=storage.region)
+        root = store_for_uri(run.spec.storage, store_uri)
         result = execute_phase(run, root, round, name, cache_dir=cache_dir, telemetry=telemetry)
     except (PhaseError, DataError, StoreError) as err:
         print(f"rlp phase {name} (round {round}) failed: {err}", file=sys.stderr)
