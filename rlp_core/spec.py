@@ -261,6 +261,14 @@ class Storage(SpecModel):
         False, description="Keep a phase's resumable checkpoints (_checkpoints/) after it succeeds (default: delete them)."
     )
 
+    def open(self, uri: str | None = None):
+        """The `rlp_core.store.Store` at `uri` (default: this storage's root) with these settings."""
+        from rlp_core.store import Store  # boto3 is loaded only when a store is opened
+
+        return Store.from_uri(uri or self.uri, endpoint=self.endpoint, region=self.region,
+                              timeout=self.read_timeout_seconds, connect_timeout=self.connect_timeout_seconds,
+                              retry_seconds=self.retry_seconds)
+
     @field_validator("uri")
     @classmethod
     def _supported_scheme(cls, uri: str) -> str:
@@ -382,18 +390,44 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def settings_problems(spec: RLPRunSpec) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about settings that are valid one by one but do not work together."""
+    errors, warnings = [], []
+    if spec.policy.model is None:  # the tiny model's context is maxPositions tokens
+        room = spec.policy.sft.tiny.max_positions
+        for path, n in (("generation.maxNewTokens", spec.generation.max_new_tokens),
+                        ("optimization.maxNewTokens", spec.optimization.max_new_tokens),
+                        ("evaluation.maxNewTokens", spec.evaluation.max_new_tokens)):
+            if n >= room:
+                errors.append(f"spec.{path}: {n} leaves no room for the prompt within "
+                              f"spec.policy.sft.tiny.maxPositions ({room}); make maxPositions cover the longest "
+                              "prompt plus maxNewTokens, or lower maxNewTokens")
+    strategy = spec.reward_learning.strategy
+    if strategy in ("rlp-spg", "rlp", "ser") and spec.generation.samples_per_prompt < 2:
+        warnings.append(f"spec.generation.samplesPerPrompt is 1: {strategy} builds its pairs from several samples "
+                        "of the same prompt, so it adds none and the RM trains on human pairs only; set it to 2 or more")
+    return errors, warnings
+
+
 def parse_run(doc: dict[str, Any], source: str = "<spec>") -> RLPRun:
     try:
-        return RLPRun.model_validate(doc)
+        run = RLPRun.model_validate(doc)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
+    errors, _ = settings_problems(run.spec)
+    if errors:
+        raise SpecError("\n".join([f"{source}: invalid RLPRun ({len(errors)} problem(s)):",
+                                    *(f"  - {e}" for e in errors)]))
+    return run
 
 
 def load_run(path: str | Path) -> RLPRun:
     """Load an RLPRun YAML (the same file `kubectl apply` takes) or a bare spec JSON (`rlp phase`)."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_bytes().decode())
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (invalid byte at offset {err.start}); give the RLPRun YAML") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
     except OSError as err:

@@ -261,7 +261,7 @@ def test_optimize_on_s3_killed_after_its_first_checkpoint_resumes_from_it(tmp_pa
             samples = scrape(port)
             if samples and labelled(samples, "rlp_job_steps_total", **labels):
                 scraped = samples
-            listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "_checkpoints/").get("KeyCount", 0)
+            listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "_checkpoints/LATEST.json").get("KeyCount", 0)
             if listed:
                 break
             time.sleep(0.05)

@@ -51,7 +51,7 @@ def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp
     args = ("run", str(QUICKSTART), "--store", f"file://{store}", "--cache-dir", str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "rlp_cli", *args], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    checkpoint = store / "default" / "quickstart" / "round-1" / "optimize" / "_checkpoints" / "state.pt"
+    checkpoint = store / "default" / "quickstart" / "round-1" / "optimize" / "_checkpoints" / "LATEST.json"
     deadline = time.monotonic() + 600
     while not checkpoint.exists():
         assert proc.poll() is None, f"rlp run ended before optimize checkpointed: {proc.stderr.read()[-3000:]}"

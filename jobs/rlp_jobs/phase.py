@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlp_core.spec import SpecError, load_run
+from rlp_core.spec import SpecError, load_run, settings_problems
 
 log = logging.getLogger("rlp.phase")
 
@@ -39,17 +39,18 @@ def torchrun_argv(argv: list[str], env: dict[str, str], local_gpus: int = 1) -> 
 
 
 def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, cache_dir: Path,
-              metrics_port: int = 0) -> int:
+              metrics_port: int = 0, rerun_changed: bool = False, redo: bool = False) -> int:
     logging.basicConfig(level=os.environ.get("RLP_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         run = load_run(spec_path)
     except SpecError as err:
         print(str(err), file=sys.stderr)
         return 2
+    for warning in settings_problems(run.spec)[1]:
+        log.warning("%s", warning)
     # the training stack is imported only once the spec is known to be good (a bad spec fails in a second)
     from rlp_core.data import DataError
     from rlp_core.pipeline import PhaseError, execute_phase
-    from rlp_core.context import store_for_uri
     from rlp_core.store import StoreError
     from rlp_core.telemetry import PhaseTelemetry
 
@@ -73,8 +74,9 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
         except OSError as err:  # a phase without /metrics beats a failed phase
             log.warning("cannot serve /metrics on port %d: %s; the phase runs without it", metrics_port, err)
     try:
-        root = store_for_uri(run.spec.storage, store_uri)
-        result = execute_phase(run, root, round, name, cache_dir=cache_dir, telemetry=telemetry)
+        root = run.spec.storage.open(store_uri)
+        result = execute_phase(run, root, round, name, cache_dir=cache_dir, telemetry=telemetry,
+                               rerun_changed=rerun_changed, redo=redo)
     except (PhaseError, DataError, StoreError) as err:
         print(f"rlp phase {name} (round {round}) failed: {err}", file=sys.stderr)
         return 1
