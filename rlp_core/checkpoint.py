@@ -92,8 +92,10 @@ class StoreCheckpointer:
         self._pending: Future | None = None
 
     def save(self, step: int, state: dict[str, Any]) -> None:
+        if self._pending is not None and not self._pending.done():  # the store is slow or away: train on
+            log.warning("checkpoint at step %d skipped: the previous one is still being uploaded", step)
+            return
         tensors, rest = encode_state(state)  # now, so training may change the live state meanwhile
-        self.wait()
         self._pending = self._uploads.submit(self._upload, step, save_tensors(tensors), rest)
 
     def wait(self) -> None:
