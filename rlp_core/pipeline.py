@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -215,6 +216,20 @@ PHASES: dict[str, Callable[[PhaseContext], dict[str, Any]]] = {
 }
 
 
+def remove_orphaned_work_dirs(work: Path) -> None:
+    """Delete the output directories of phases whose process is gone (killed before its clean-up)."""
+    for path in work.glob("rlp-*-*-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class SpecChanged(PhaseError):
     """A phase's output in the store was made under other spec fields or from other inputs."""
 
@@ -270,7 +285,10 @@ def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir
     started, t0 = utc_now(), time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 publishes
     telemetry = telemetry or PhaseTelemetry(run.metadata.name, round, phase)
-    with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-") as tmp:
+    work = cache_dir / "work"
+    remove_orphaned_work_dirs(work)
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-{os.getpid()}-", dir=work) as tmp:
         out_dir = Path(tmp)
         if run.spec.phase_enabled(phase):
             ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, provenance=provenance,

@@ -20,7 +20,7 @@ from typing import Any
 
 from rlp_core.manifest import Manifest, inspect_output, phase_prefix
 from rlp_core.spec import RLPRun, RLPRunSpec
-from rlp_core.store import Store
+from rlp_core.store import S3Store, Store
 
 POLICY_PRODUCERS = ("optimize", "sft")
 RM_PRODUCERS = ("synthesize", "refine", "reward")
@@ -173,8 +173,16 @@ class Provenance:
 
     def listing_digest(self, uri: str) -> str:
         """A model URI's identity as an input: its files' names and sizes."""
-        listing = [(e.path, e.size) for e in self.run.spec.storage.open(uri).list()]
+        listing = [(e.path, e.size) for e in self._open(uri).list()]
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    def _open(self, uri: str) -> Store:
+        """`uri` through the root's S3 client when both are S3 (the run's credentials, as the operator
+        holds them), else with the spec's storage settings."""
+        if isinstance(self.root, S3Store) and uri.startswith("s3://"):
+            bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+            return S3Store(bucket, prefix, self.root.client, self.root.transfer_config, self.root.retry_seconds)
+        return self.run.spec.storage.open(uri)
 
     def _resolve(self, round: int, phase: str) -> Location:
         fields = phase_fields(self.run.spec, phase)

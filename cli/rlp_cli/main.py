@@ -12,13 +12,10 @@ from rlp_core.spec import SpecError, load_run
 
 
 def _one_line(err: BaseException) -> str:
-    """An error as the line a user reads: our errors carry what to fix; others get their type."""
-    from rlp_core.data import DataError
-    from rlp_core.store import StoreError
-
-    known = (SpecError, DataError, StoreError, FileNotFoundError, FileExistsError)
-    if type(err).__name__ in ("PhaseError", "SpecChanged") or isinstance(err, known):
-        return str(err)
+    """An error as the line a user reads. rlp_core's errors (spec, data, store, phase, checkpoint) and the
+    store's missing-object errors say what to fix; anything else is named by its type."""
+    if type(err).__module__.startswith("rlp_core.") or isinstance(err, (FileNotFoundError, FileExistsError)):
+        return " ".join(str(err).split())
     return f"{type(err).__name__}: {err} (rerun with --debug for the traceback)"
 
 

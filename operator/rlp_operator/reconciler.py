@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlp_core.manifest import Manifest, phase_prefix, verify_manifest
+from rlp_core.provenance import Provenance
 from rlp_core.spec import API_GROUP, API_VERSION, KIND, RLPRun, SpecError, parse_run
 from rlp_core.store import Store, StoreError
 from rlp_operator import workload as wl
@@ -145,7 +146,10 @@ class Stores:
                     f"storage.secretRef: Secret {ns}/{st.secret_ref.name} lacks key(s) {', '.join(missing)}"
                 )
             access, secret = (base64.b64decode(data[k]).decode() for k in wl.SECRET_KEYS)
-        store = Store.from_uri(st.uri, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret)
+        # no long retries inside a reconcile: an unavailable store is reported and looked at again later
+        store = Store.from_uri(st.uri, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret,
+                               timeout=st.read_timeout_seconds, connect_timeout=st.connect_timeout_seconds,
+                               retry_seconds=0)
         with self._lock:
             self._cache[key] = (now, store)
         return store
@@ -154,8 +158,19 @@ class Stores:
         return self.open(run).child(phase_prefix(run.metadata.namespace, run.metadata.name, round_, phase))
 
     def verify(self, run: RLPRun, round_: int, phase: str) -> tuple[Manifest | None, str]:
+        """The phase's manifest when its output is complete and was made for this spec and these inputs.
+
+        An output made under other spec fields (a run re-created under the same name) is not complete:
+        the phase's pod then fails naming the changed fields. Manifests without a fingerprint (written
+        before rlp recorded provenance) are taken as they are.
+        """
         store = self.phase(run, round_, phase)
-        return verify_manifest(store), store.url() + "/"
+        manifest = verify_manifest(store)
+        if manifest is not None and manifest.fingerprint is not None:
+            expected = Provenance(run, self.open(run)).locate(round_, phase).fingerprint
+            if expected is not None and expected != manifest.fingerprint:
+                manifest = None
+        return manifest, store.url() + "/"
 
     def delete_run_outputs(self, run: RLPRun) -> int:
         return self.open(run).child(run.metadata.namespace, run.metadata.name).delete_prefix("")
