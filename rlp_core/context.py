@@ -71,6 +71,7 @@ class PhaseContext:
     device: torch.device = field(default_factory=default_device)
     provenance: Provenance | None = None
     out_store: Store | None = None  # where this phase's output goes (its checkpoints too)
+    _verified: set[Path] = field(default_factory=set, init=False, repr=False)  # cache entries checked by this phase
 
     def __post_init__(self) -> None:
         self.provenance = self.provenance or Provenance(self.run, self.root)
@@ -108,12 +109,13 @@ class PhaseContext:
                              f"usable ({problem}); run (or redo) phase {phase} of round {round} first")
         store_key = hashlib.sha256(loc.store.url().encode()).hexdigest()[:16]
         local = self.cache_dir / "outputs" / f"{store_key}-{loc.manifest.digest[:16]}"
-        if not cached_copy_is_intact(local, loc.manifest):
+        if local not in self._verified and not cached_copy_is_intact(local, loc.manifest):
             try:
                 loc.store.download_dir("", local, loc.manifest.entries())
             except IntegrityError as err:
                 raise PhaseError(f"{err} Find every damaged output with `rlp verify`; redo this one with "
                                  f"`rlp run SPEC --redo {output_key(round, phase)}`") from None
+        self._verified.add(local)
         return local
 
     def fetch_uri(self, uri: str) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from test_phase_entrypoint import tiny_spec
 
 from rlp_core.checkpoint import CheckpointError, StoreCheckpointer, decode_state, encode_state
-from rlp_core.pipeline import PhaseError, SpecChanged
+from rlp_core.pipeline import PhaseError, SpecChanged, execute_phase
 from rlp_core.provenance import verify_run
 from rlp_core.runner import run_local
 from rlp_core.spec import SpecError, parse_run, settings_problems
@@ -89,7 +89,7 @@ def test_a_changed_spec_stops_naming_the_fields_or_reruns_under_new_paths(base, 
     assert {k: v for k, v in after.items() if "~" not in k} == before  # the old outputs are kept
     optimize = next(v for k, v in after.items() if k.startswith("round-1/optimize~"))
     assert optimize["spec_fields"]["optimization"]["steps"] == 4 and optimize["metrics"]["steps"] == 4
-    assert optimize["inputs"].keys() == {"round-0/sft", "round-0/reward", "round-1/synthesize"}
+    assert optimize["inputs"].keys() == {"round-0/sft", "round-1/synthesize"}
     assert (store / NS_RUN / "_specs" / f"{optimize['spec_hash']}.json").is_file()  # the spec beside the run
 
     again = run_local(parse_run(changed), cache_dir=tmp_path / "cache")  # no flag needed to reuse them now
@@ -120,8 +120,10 @@ def test_same_size_corruption_is_found_by_verify_and_repaired_by_redo(base, tmp_
     assert rows["round-0/sft"][0] == "damaged" and "model.safetensors does not match its sha256" in rows["round-0/sft"][1]
     assert {state for key, (state, _) in rows.items() if key != "round-0/sft"} == {"ok"}
 
+    assert {r.state for r in run_local(run, cache_dir=tmp_path / "cache").results} == {"Cached"}  # sizes match
     with pytest.raises(PhaseError, match=r"sha256 mismatch .*model.safetensors.*--redo round-0/sft"):
-        run_local(run, cache_dir=tmp_path / "fresh-cache")  # a fresh cache downloads, and so checks, the input
+        # a phase that downloads the damaged output checks its content
+        execute_phase(run, LocalStore(store), 1, "generate", cache_dir=tmp_path / "fresh-cache", redo=True)
     report = run_local(run, cache_dir=tmp_path / "cache", redo=["sft"])
     assert {r.state for r in report.results} == {"Succeeded", "Skipped"}  # sft and everything that reads it
     assert {state for _, state, _ in verify_run(run, LocalStore(store))} == {"ok"}
@@ -200,7 +202,9 @@ def test_checkpoints_are_safetensors_and_json_verified_on_load(tmp_path):
         assert len(list(f.keys())) == len(tensors)
 
     weights = tmp_path / "phase/_checkpoints/step-8/state.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"checkpoint file://.*/_checkpoints/step-8/state.safetensors is corrupt"
                                               r".*delete file://.*/_checkpoints/ to restart the phase from step 0"):
         StoreCheckpointer(store).load()
