@@ -145,7 +145,7 @@ def test_failures_exit_non_zero_with_one_clear_line(tmp_path):
     assert res.returncode == 1, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("rlp phase generate (round 1) failed:"), res.stderr[-2000:]
-    assert "round-0/sft" in last and "Run (or rerun) the phase that produces it first" in last
+    assert "inputs ['round-0/sft'] are not all complete; run them first" in last
     assert not list(store.rglob("_MANIFEST.json")) if store.exists() else True
 
     # a phase that is not in the run's plan
