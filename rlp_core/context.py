@@ -34,6 +34,10 @@ def read_uri(storage: Storage, uri: str) -> bytes:
     return storage.open(parent).get_bytes(name)
 
 
+# (trainer, step stats) -> None: an observer of the optimize phase's steps
+StepCallback = Callable[[Any, dict[str, float]], None]
+
+
 class PhaseError(RuntimeError):
     """A phase cannot run (missing input, bad data); the message says what to fix."""
 
@@ -69,6 +73,7 @@ class PhaseContext:
     out_dir: Path
     telemetry: PhaseTelemetry
     device: torch.device = field(default_factory=default_device)
+    step_callback: StepCallback | None = None  # called by optimize after each step (benchmarks, probes)
     provenance: Provenance | None = None
     out_store: Store | None = None  # where this phase's output goes (its checkpoints too)
     _verified: set[Path] = field(default_factory=set, init=False, repr=False)  # cache entries checked by this phase

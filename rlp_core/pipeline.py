@@ -30,7 +30,8 @@ from rlp_core import ser, spg, uml
 from rlp_core.apa import APATrainer
 from rlp_core.checkpoint import CHECKPOINT_DIR, StoreCheckpointer
 from rlp_core.context import (
-    HISTORY_FILE, POLICY_DIR, RM_DIR, SAMPLES_FILE, PhaseContext, PhaseError, read_uri, train_reward_model,
+    HISTORY_FILE, POLICY_DIR, RM_DIR, SAMPLES_FILE, PhaseContext, PhaseError, StepCallback, read_uri,
+    train_reward_model,
 )
 from rlp_core.data import DataError, Demonstration, PreferencePair, Prompt, Record, Sample, load_records, write_records
 from rlp_core.evaluate import win_rate
@@ -121,23 +122,43 @@ def rm_score_fn(model, device: torch.device):
     return score
 
 
+def judge_score_fn(gold: Callable[[str, str], float]):
+    def score(prompts, responses, rollout) -> torch.Tensor:
+        return torch.tensor([gold(p, r) for p, r in zip(prompts, responses)])
+
+    return score
+
+
 TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}
 
 
 def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     opt = ctx.spec.optimization
-    policy_dir, start_dir, rm_dir = ctx.policy_dir(), ctx.start_policy_dir(), ctx.reward_model_dir()
+    policy_dir, start_dir = ctx.policy_dir(), ctx.start_policy_dir()
     tokenizer = load_tokenizer(policy_dir)
-    reward_model = load_reward_model(rm_dir).to(ctx.device).eval().requires_grad_(False)
+    gold = ctx.gold()
+    if opt.reward == "judge":
+        if gold is None:
+            raise PhaseError("spec.optimization.reward: judge needs a programmatic spec.evaluation.judge "
+                             "(builtin://<task>); use reward-model otherwise")
+        rm_dir = None
+        score_fn = judge_score_fn(gold)
+    else:
+        rm_dir = ctx.reward_model_dir()
+        reward_model = load_reward_model(rm_dir).to(ctx.device).eval().requires_grad_(False)
+        score_fn = rm_score_fn(reward_model, ctx.device)
+    value_dir = policy_dir if opt.value_init == "policy" or rm_dir is None else rm_dir
     prompts = [p.prompt for p in ctx.records(ctx.spec.prompts, Prompt)]
     ctx.check_fits(tokenizer, prompts, opt.max_new_tokens, "optimization.maxNewTokens")
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
     checkpointer = StoreCheckpointer(ctx.out_store)
     trainer = TRAINERS[opt.algorithm](
         config=opt, policy=load_policy(policy_dir).to(ctx.device), reference=load_policy(start_dir).to(ctx.device),
-        value_model=load_value_model(rm_dir).to(ctx.device), tokenizer=tokenizer,
-        score_fn=rm_score_fn(reward_model, ctx.device), prompts=prompts, seed=ctx.spec.seed + ctx.round,
+        value_model=load_value_model(value_dir).to(ctx.device), tokenizer=tokenizer,
+        score_fn=score_fn, prompts=prompts, seed=ctx.spec.seed + ctx.round,
         telemetry=ctx.telemetry, checkpointer=checkpointer,
+        gold_fn=None if gold is None else (lambda ps, rs: [gold(p, r) for p, r in zip(ps, rs)]),
+        step_callback=ctx.step_callback,
     )
     resumed_from = trainer.start_step
     history = trainer.train()
@@ -146,10 +167,14 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     with (ctx.out_dir / HISTORY_FILE).open("w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
     last = history[-min(5, len(history)):]
-    return {"algorithm": opt.algorithm, "steps": len(history), "resumed_from_step": resumed_from,
-            "reward_mean_first": history[0]["reward_mean"], "kl_first": history[0]["kl"],
-            "reward_mean_last": sum(h["reward_mean"] for h in last) / len(last),
-            "kl_last": sum(h["kl"] for h in last) / len(last)}
+    metrics = {"algorithm": opt.algorithm, "reward": opt.reward, "value_init": opt.value_init, "steps": len(history),
+               "resumed_from_step": resumed_from, "reward_mean_first": history[0]["reward_mean"],
+               "kl_first": history[0]["kl"], "reward_mean_last": sum(h["reward_mean"] for h in last) / len(last),
+               "kl_last": sum(h["kl"] for h in last) / len(last)}
+    if gold is not None:
+        metrics |= {"gold_mean_first": history[0]["gold_mean"],
+                    "gold_mean_last": sum(h["gold_mean"] for h in last) / len(last)}
+    return metrics
 
 
 def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
@@ -245,8 +270,8 @@ class PhaseResult:
 
 
 def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir: Path,
-                  telemetry: PhaseTelemetry | None = None, provenance: Provenance | None = None,
-                  rerun_changed: bool = False, redo: bool = False) -> PhaseResult:
+                  telemetry: PhaseTelemetry | None = None, step_callback: StepCallback | None = None,
+                  provenance: Provenance | None = None, rerun_changed: bool = False, redo: bool = False) -> PhaseResult:
     """Run one phase unless an output made for this spec and these inputs verifies; publish outputs,
     manifest last.
 
@@ -291,8 +316,8 @@ def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir
     with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-{os.getpid()}-", dir=work) as tmp:
         out_dir = Path(tmp)
         if run.spec.phase_enabled(phase):
-            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, provenance=provenance,
-                               out_store=target)
+            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback,
+                               provenance=provenance, out_store=target)
             metrics, state = PHASES[phase](ctx), "Succeeded"
         else:
             metrics, state = {"skipped": True, "reason": f"strategy {run.spec.reward_learning.strategy}"}, "Skipped"

@@ -34,7 +34,7 @@ PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "generate": ("seed", "prompts", "generation", "evaluation.judge", MAX_LENGTH),
     "refine": ("seed", "rewardModel", "rewardLearning.strategy", "rewardLearning.uml", "generation", MAX_LENGTH),
     "synthesize": ("seed", "rewardModel", "rewardLearning", "generation", MAX_LENGTH),
-    "optimize": ("seed", "prompts", "optimization", MAX_LENGTH),
+    "optimize": ("seed", "prompts", "optimization", "evaluation.judge", MAX_LENGTH),
     "evaluate": ("seed", "evaluation", "rewardModel.model", MAX_LENGTH),
 }
 
@@ -90,13 +90,15 @@ def upstream(spec: RLPRunSpec, round: int, phase: str) -> tuple[list[tuple[int, 
         return [p for p in [start] if p], [u for u in uris if u]
     policy = latest_producer(spec, round, phase, POLICY_PRODUCERS) or start
     rm = latest_producer(spec, round, phase, RM_PRODUCERS)
-    if rm is None:
+    if rm is None and not (phase == "optimize" and spec.optimization.reward == "judge"):
         uris.append(spec.reward_model.model)
     if phase == "generate":
         phases = [policy]
     elif phase in ("refine", "synthesize"):
         phases = [(round, "generate"), rm]
-    else:  # optimize, evaluate
+    elif phase == "optimize":  # the RM scores rollouts and starts the critic, unless the judge is the reward
+        phases = [policy, start, rm if spec.optimization.reward == "reward-model" else None]
+    else:  # evaluate
         phases = [policy, start, rm]
     unique = list(dict.fromkeys(p for p in phases if p is not None))
     return unique, [u for u in dict.fromkeys(uris) if u]

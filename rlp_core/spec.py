@@ -187,6 +187,14 @@ class DeepSpeed(SpecModel):
 
 class Optimization(SpecModel):
     algorithm: Literal["ppo", "apa"] = "ppo"
+    reward: Literal["reward-model", "judge"] = Field(
+        "reward-model",
+        description="What the policy is optimised against: the (refined) reward model, or the evaluation judge "
+        "itself (a programmatic/verifiable reward; also the gold-reward ceiling in benchmarks).",
+    )
+    value_init: Literal["reward-model", "policy"] = Field(
+        "reward-model", description="Backbone the critic starts from: the reward model (reads rewards already) or the policy."
+    )
     ppo: PPO = Field(default_factory=PPO)
     apa: APA = Field(default_factory=APA)
     steps: int = Field(40, ge=1, description="Rollout/update iterations per round.")
