@@ -314,6 +314,7 @@ def test_a_60s_s3_outage_mid_optimize_is_ridden_out(tmp_path, s3_server, s3_buck
             assert time.monotonic() < deadline, "optimize never checkpointed"
             time.sleep(0.2)
         s3_server.stop()
+        assert proc.poll() is None, "the run ended before the outage began"
         time.sleep(60)
         s3_server.start()
         _, err = proc.communicate(timeout=600)
