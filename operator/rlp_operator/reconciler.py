@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rlp_core.manifest import Manifest, phase_prefix, verify_manifest
-from rlp_core.provenance import Provenance
+from rlp_core.manifest import MANIFEST_NAME, Manifest, phase_prefix, verify_manifest
+from rlp_core.provenance import Provenance, downstream, parse_phase_refs
 from rlp_core.spec import API_GROUP, API_VERSION, KIND, RLPRun, SpecError, parse_run
 from rlp_core.store import Store, StoreError
 from rlp_operator import workload as wl
@@ -381,6 +381,7 @@ class Reconciler:
     def _advance(self, step: _Step, run: RLPRun, spec_hash: str) -> None:
         st = step.status
         gen = step.body["metadata"].get("generation")
+        self._redo(step, run)
         if st.phase in TERMINAL_RUN_STATES:
             self._after_finished(step, run)
             return
@@ -420,6 +421,40 @@ class Reconciler:
             if not self._start_or_wait(step, run, rec):
                 break
         self._summarize(step, run, was)
+
+    def _redo(self, step: _Step, run: RLPRun) -> None:
+        """Act once on a new `rlp.dev/redo` value: delete the named outputs and those of every phase that
+        reads them, and plan those phases again (what `rlp run --redo` does locally)."""
+        st = step.status
+        value = ((step.body["metadata"].get("annotations") or {}).get(wl.ANNOTATION_REDO) or "").strip()
+        if not value or value == st.redo or not st.phases:
+            return
+        refs = [ref.strip() for ref in value.split(",") if ref.strip()]
+        try:
+            targets = downstream(run.spec, parse_phase_refs(run.spec, refs))
+        except ValueError as e:
+            st.redo, step.changed = value, True
+            step.event(self, "Warning", "RedoRejected", f"{wl.ANNOTATION_REDO}: {e}")
+            return
+        records = [r for r in st.phases if r.key in targets and run.spec.phase_enabled(r.name)]
+        running = [f"{r.name}@{r.round}" for r in records if r.state == "Running"]
+        if running:
+            st.redo, step.changed = value, True
+            step.event(self, "Warning", "RedoRejected", f"{wl.ANNOTATION_REDO}={value}: {', '.join(running)} "
+                       "still running; set the annotation again (another value) once it has finished")
+            return
+        for rec in records:  # outputs first: a store error leaves status.redo unset, so this is tried again
+            store = self.stores.phase(run, rec.round, rec.name)
+            store.delete(MANIFEST_NAME)
+            store.delete_prefix("")
+        for rec in records:
+            rec.failures = 0
+            rec.finished_at = rec.next_attempt_at = rec.output = rec.metrics = None
+            self._transition(step, rec, "Pending", "Redo", f"{wl.ANNOTATION_REDO}={value}")
+        if st.phase in TERMINAL_RUN_STATES:
+            st.phase, st.finished_at = "Pending", None
+        st.redo = value
+        step.event(self, "Normal", "Redo", "redoing " + ", ".join(f"{r.name}@{r.round}" for r in records))
 
     def _init_plan(self, step: _Step, run: RLPRun, spec_hash: str) -> None:
         st = step.status
