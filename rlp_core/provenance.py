@@ -39,29 +39,39 @@ PHASE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _get(doc: dict, path: str) -> Any:
+_DEFAULT = object()  # a field left at its default (absent from the sparse dump)
+
+
+def _get(doc: Any, path: str) -> Any:
     for part in path.split("."):
-        doc = doc.get(part) if isinstance(doc, dict) else None
+        doc = doc.get(part, _DEFAULT) if isinstance(doc, dict) else _DEFAULT
     return doc
 
 
 def phase_fields(spec: RLPRunSpec, phase: str) -> dict[str, Any]:
-    doc = spec.model_dump(mode="json", by_alias=True)
-    fields = {path: _get(doc, path) for path in PHASE_FIELDS[phase]}
+    """The fields of PHASE_FIELDS[phase] that differ from their defaults (so a field added to the spec
+    later, at a default that keeps the old behaviour, leaves earlier outputs reusable)."""
+    doc = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    fields = {path: value for path in PHASE_FIELDS[phase] if (value := _get(doc, path)) is not _DEFAULT}
     fields["enabled"] = spec.phase_enabled(phase)
     return fields
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Leaf paths whose values differ, e.g. ['optimization.steps', 'seed']."""
+    """Leaf paths whose values differ, e.g. ['optimization.steps (40 -> 20)', 'seed (default -> 7)']."""
     out: list[str] = []
+
+    def show(value: Any) -> str:
+        return "default" if value is _DEFAULT else json.dumps(value)
 
     def walk(a: Any, b: Any, path: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+                walk(a.get(k, _DEFAULT), b.get(k, _DEFAULT), f"{path}.{k}" if path else k)
+        elif isinstance(a, dict) and b is _DEFAULT or a is _DEFAULT and isinstance(b, dict):
+            walk(a if a is not _DEFAULT else {}, b if b is not _DEFAULT else {}, path)
         elif a != b:
-            out.append(f"{path} ({json.dumps(a)} -> {json.dumps(b)})")
+            out.append(f"{path} ({show(a)} -> {show(b)})")
 
     walk(old, new, "")
     return out

@@ -78,7 +78,7 @@ def test_a_changed_spec_stops_naming_the_fields_or_reruns_under_new_paths(base, 
     before = _manifests(store)
     changed = _spec(store, seed=7)
     changed["spec"]["optimization"]["steps"] = 4
-    with pytest.raises(SpecChanged, match=r"round-0/sft .* changed: seed \(0 -> 7\).*--rerun-changed"):
+    with pytest.raises(SpecChanged, match=r"round-0/sft .* changed: seed \(default -> 7\).*--rerun-changed"):
         run_local(parse_run(changed), cache_dir=tmp_path / "cache")
     assert _manifests(store) == before  # nothing was run or replaced
 
@@ -270,7 +270,7 @@ def test_rlp_run_errors_are_one_line_naming_what_to_fix(base, tmp_path):
     spec.write_text(json.dumps(_spec(store, seed=3)))
     res = _rlp("run", str(spec), cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "rlp run: round-0/sft in file://" in res.stderr and "changed: seed (0 -> 3)" in res.stderr
+    assert "rlp run: round-0/sft in file://" in res.stderr and "seed (default -> 3)" in res.stderr
 
     optimize = store / NS_RUN / "round-1" / "optimize"
     shutil.rmtree(optimize)
