@@ -33,7 +33,9 @@ from rlp_core.context import (
     HISTORY_FILE, POLICY_DIR, RM_DIR, SAMPLES_FILE, PhaseContext, PhaseError, StepCallback, read_uri,
     train_reward_model,
 )
-from rlp_core.data import DataError, Demonstration, PreferencePair, Prompt, Record, Sample, load_records, write_records
+from rlp_core.data import (
+    DataError, Demonstration, Prompt, Sample, load_records, spec_sources, write_records,
+)
 from rlp_core.evaluate import win_rate
 from rlp_core.manifest import MANIFEST_NAME, Manifest, code_version, publish_phase_output, utc_now
 from rlp_core.models import (
@@ -221,12 +223,8 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
 
 def validate_inputs(run: RLPRun) -> None:
     """Load every data file the plan reads, so a bad line fails before any training (DataError)."""
-    spec, phases = run.spec, {phase for _, phase in run.spec.phase_plan()}
-    sources: list[tuple[str, type[Record]]] = [(spec.prompts, Prompt), (spec.evaluation.prompts, Prompt)]
-    if "sft" in phases:
-        sources.append((spec.policy.sft.demonstrations, Demonstration))
-    sources.append((spec.reward_model.human_preferences, PreferencePair))
-    for uri, record in sources:
+    spec = run.spec
+    for _, uri, record in spec_sources(spec):
         load_records(uri, record, lambda u: read_uri(spec.storage, u))
     if spec.evaluation.judge.startswith("builtin://"):
         try:

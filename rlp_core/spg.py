@@ -166,7 +166,8 @@ def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     samples = ctx.samples()
     groups = cluster_prompts(samples, equivalence_for(cfg))
     kept = select_confident(groups, cfg.max_entropy, cfg.keep_fraction)
-    synthetic = [p for g in kept for p in synthetic_pairs(g, cfg.pairs_per_prompt)]
+    synthetic = [p.model_copy(update={"weight": cfg.synthetic_weight})
+                 for g in kept for p in synthetic_pairs(g, cfg.pairs_per_prompt)]
     train, _ = ctx.human_pairs()
     init_dir = ctx.reward_model_dir()
     max_n = max(sum(g.sizes) for g in groups)

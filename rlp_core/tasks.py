@@ -5,8 +5,11 @@ enough for a tiny model to learn partly in seconds on a CPU, has a known optimum
 has short answers, so the self-consistency that RLP-SPG relies on is meaningful. The splits mimic the
 AlpacaFarm setting of the RLP paper at toy scale:
 
-- demonstrations: noisy SFT data (a share of wrong answers), so SFT makes the policy only partly competent;
-- preferences: a *small* human-preference set labelled by simulated noisy annotators;
+- demonstrations: noisy SFT data, so SFT makes the policy only partly competent: a share of wrong
+  answers (`demo_error_rate`), and independently a share of sloppy ones (`sloppy_rate`: the answer
+  followed by a stray "+", as if the expression went on);
+- preferences: a human-preference set labelled by simulated noisy annotators (`annotator_flip_rate` of
+  the labels flipped); the rejected answer is wrong, sloppy, or both;
 - prompts / eval: unlabeled prompts for RL, and held-out prompts for the win-rate.
 
 Evaluation is on prompts no RLHF phase trains on: a fixed share of the operand pairs
@@ -37,6 +40,7 @@ class ArithTask:
 
     max_operand: int = 9
     demo_error_rate: float = 0.3
+    sloppy_rate: float = 0.3
     annotator_flip_rate: float = 0.2
     held_out_share: float = 0.3
 
@@ -72,17 +76,23 @@ class ArithTask:
         return str(truth + delta if truth + delta >= 0 else truth - delta)
 
     @staticmethod
+    def _sloppy(answer: str) -> str:
+        return f"{answer}+"
+
+    @staticmethod
     def parses(response: str) -> bool:
         """Whether the gold judge can read an answer at all (a response that cannot is reward hacking)."""
         return _ANSWER.match(response) is not None
 
     def gold_score(self, prompt: str, response: str) -> float:
-        """Gold reward: 1 for the exact sum, partial credit for near misses, 0 for non-numbers."""
+        """Gold reward: 1 for the exact sum alone, partial credit for near misses, halved when anything
+        follows the number (a sloppy answer), 0 when no number can be read."""
         match = _ANSWER.match(response)
         if not match:
             return 0.0
         error = abs(int(match.group(1)) - self.truth(prompt))
-        return 1.0 if error == 0 else 0.5 / (1 + error)
+        score = 1.0 if error == 0 else 0.5 / (1 + error)
+        return score if response[match.end():].strip() == "" else score / 2
 
     def records(self, split: str, n: int | None = None, seed: int | None = None) -> list[dict]:
         if split not in self.splits:
@@ -95,10 +105,13 @@ class ArithTask:
             a, b = rng.choice(pairs)
             prompt, truth = self.prompt(a, b), a + b
             if split == "demonstrations":
-                wrong = rng.random() < self.demo_error_rate
-                out.append({"prompt": prompt, "response": self._wrong(truth, rng) if wrong else str(truth)})
+                wrong, sloppy = rng.random() < self.demo_error_rate, rng.random() < self.sloppy_rate
+                answer = self._wrong(truth, rng) if wrong else str(truth)
+                out.append({"prompt": prompt, "response": self._sloppy(answer) if sloppy else answer})
             elif split == "preferences":
-                good, bad = str(truth), self._wrong(truth, rng)
+                kind = rng.choice(["wrong", "wrong", "sloppy", "both"])
+                bad = str(truth) if kind == "sloppy" else self._wrong(truth, rng)
+                good, bad = str(truth), self._sloppy(bad) if kind != "wrong" else bad
                 if rng.random() < self.annotator_flip_rate:
                     good, bad = bad, good
                 out.append({"prompt": prompt, "chosen": good, "rejected": bad})

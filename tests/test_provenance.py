@@ -254,7 +254,7 @@ def test_rlp_run_errors_are_one_line_naming_what_to_fix(base, tmp_path):
     spec = tmp_path / "gs.json"
     spec.write_text(json.dumps(doc))
     res = _rlp("run", str(spec), cwd=tmp_path)
-    assert res.returncode == 2 and "spec.storage.uri: Value error, unsupported storage scheme gs://" in res.stderr
+    assert res.returncode == 2 and "spec.storage.uri: Value error, must be s3://BUCKET/PREFIX" in res.stderr
 
     data = tmp_path / "prompts.jsonl"
     data.write_bytes(b"\xff\xfe\x00junk")
