@@ -90,13 +90,21 @@ def load_records(uri: str, record: type[R], read_bytes: Callable[[str], bytes] |
     if "://" in uri and not uri.startswith("file://"):
         if read_bytes is None:
             raise DataError(f"{uri}: no store configured to read this URI")
-        text = read_bytes(uri).decode()
+        try:
+            data = read_bytes(uri)
+        except FileNotFoundError:
+            raise DataError(f"{uri}: no such object; upload the JSONL file there or fix the URI in the spec") from None
     else:
         path = Path(uri.removeprefix("file://"))
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except OSError as err:
             raise DataError(f"{uri}: cannot read ({err.strerror})") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{uri}: not UTF-8 text (invalid byte at offset {err.start}); "
+                        f"expected JSONL with one {record.__name__} per line") from None
     return parse_records(text.splitlines(), record, uri)
 
 

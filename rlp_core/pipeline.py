@@ -14,9 +14,9 @@ and the evaluation baseline is always the starting (SFT) policy.
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +28,7 @@ import torch
 
 from rlp_core import ser, spg, uml
 from rlp_core.apa import APATrainer
+from rlp_core.checkpoint import CHECKPOINT_DIR, StoreCheckpointer
 from rlp_core.context import (
     HISTORY_FILE, POLICY_DIR, RM_DIR, SAMPLES_FILE, PhaseContext, PhaseError, StepCallback, read_uri,
     train_reward_model,
@@ -36,12 +37,13 @@ from rlp_core.data import (
     DataError, Demonstration, Prompt, Sample, load_records, spec_sources, write_records,
 )
 from rlp_core.evaluate import win_rate
-from rlp_core.manifest import Manifest, code_version, phase_prefix, publish_phase_output, utc_now, verify_manifest
+from rlp_core.manifest import MANIFEST_NAME, Manifest, code_version, publish_phase_output, utc_now
 from rlp_core.models import (
     build_tiny_policy, load_policy, load_reward_model, load_tokenizer, load_value_model, reward_scores, save_model,
     train_tokenizer,
 )
 from rlp_core.ppo import PPOTrainer
+from rlp_core.provenance import Provenance, output_key, upstream
 from rlp_core.sampling import decode_responses, sample_responses
 from rlp_core.spec import RLPRun
 from rlp_core.store import Store
@@ -78,7 +80,9 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
     gen = ctx.spec.generation
     prompts = ctx.records(ctx.spec.prompts, Prompt)[: gen.max_prompts]
     policy_dir = ctx.policy_dir()
-    tokenizer, model = load_tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
+    tokenizer = load_tokenizer(policy_dir)
+    ctx.check_fits(tokenizer, [p.prompt for p in prompts], gen.max_new_tokens, "generation.maxNewTokens")
+    model = load_policy(policy_dir).to(ctx.device)
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
     jobs = [(i, p, k) for i, p in enumerate(prompts) for k in range(gen.samples_per_prompt)]
     ctx.telemetry.total_steps = -(-len(jobs) // gen.batch_size)
@@ -109,25 +113,6 @@ def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     if ctx.spec.reward_learning.strategy == "ser":
         return ser.run_ser(ctx)
     return spg.run_synthesize(ctx)
-
-
-class StoreCheckpointer:
-    """Resumable training state as one torch file in the phase's own prefix (outside its manifest)."""
-
-    KEY = "_checkpoints/state.pt"
-
-    def __init__(self, store: Store):
-        self.store = store
-
-    def save(self, step: int, state: dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.store.put_bytes(self.KEY, buf.getvalue())
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.store.exists(self.KEY):
-            return None
-        return torch.load(io.BytesIO(self.store.get_bytes(self.KEY)), weights_only=False)
 
 
 def rm_score_fn(model, device: torch.device):
@@ -166,8 +151,9 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
         score_fn = rm_score_fn(reward_model, ctx.device)
     value_dir = policy_dir if opt.value_init == "policy" or rm_dir is None else rm_dir
     prompts = [p.prompt for p in ctx.records(ctx.spec.prompts, Prompt)]
+    ctx.check_fits(tokenizer, prompts, opt.max_new_tokens, "optimization.maxNewTokens")
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
-    checkpointer = StoreCheckpointer(ctx.store_of(ctx.round, ctx.phase))
+    checkpointer = StoreCheckpointer(ctx.out_store)
     trainer = TRAINERS[opt.algorithm](
         config=opt, policy=load_policy(policy_dir).to(ctx.device), reference=load_policy(start_dir).to(ctx.device),
         value_model=load_value_model(value_dir).to(ctx.device), tokenizer=tokenizer,
@@ -178,6 +164,7 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     )
     resumed_from = trainer.start_step
     history = trainer.train()
+    checkpointer.wait()
     save_model(trainer.policy, tokenizer, ctx.out_dir / POLICY_DIR)
     with (ctx.out_dir / HISTORY_FILE).open("w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
@@ -252,6 +239,24 @@ PHASES: dict[str, Callable[[PhaseContext], dict[str, Any]]] = {
 }
 
 
+def remove_orphaned_work_dirs(work: Path) -> None:
+    """Delete the output directories of phases whose process is gone (killed before its clean-up)."""
+    for path in work.glob("rlp-*-*-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+class SpecChanged(PhaseError):
+    """A phase's output in the store was made under other spec fields or from other inputs."""
+
+
 @dataclass
 class PhaseResult:
     round: int
@@ -259,30 +264,70 @@ class PhaseResult:
     state: str  # Succeeded | Skipped | Cached
     manifest: Manifest | None
     seconds: float = 0.0
+    output: str = ""  # URI of the output used or written
 
 
 def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir: Path,
-                  telemetry: PhaseTelemetry | None = None, step_callback: StepCallback | None = None) -> PhaseResult:
-    """Run one phase unless its manifest already verifies; publish outputs, manifest last."""
+                  telemetry: PhaseTelemetry | None = None, step_callback: StepCallback | None = None,
+                  provenance: Provenance | None = None, rerun_changed: bool = False, redo: bool = False) -> PhaseResult:
+    """Run one phase unless an output made for this spec and these inputs verifies; publish outputs,
+    manifest last.
+
+    An output at the phase's path made under other spec fields or inputs stops the phase (SpecChanged,
+    naming the changes) unless `rerun_changed` (run again under a new output path beside it) or `redo`
+    (delete it and run again in place). A damaged output (manifest there, files not matching) stops it
+    too, unless `redo`.
+    """
     if (round, phase) not in run.spec.phase_plan():
         raise PhaseError(f"phase {phase!r} is not in round {round} of this run's plan {run.spec.phase_plan()}")
-    prefix = root.child(phase_prefix(run.metadata.namespace, run.metadata.name, round, phase))
-    done = verify_manifest(prefix)
-    if done is not None:
-        return PhaseResult(round, phase, "Cached", done)
+    provenance = provenance or Provenance(run, root)
+    loc = provenance.locate(round, phase)
+    where = output_key(round, phase)
+    if loc.fingerprint is None:
+        missing = [output_key(*e) for e in upstream(run.spec, round, phase)[0]]
+        raise PhaseError(f"{where} cannot run yet: its inputs {missing} are not all complete; run them first")
+    if redo:
+        # in place, unless the path holds the output of other spec fields (kept, as --rerun-changed would)
+        kept = loc.manifest is None and loc.conflict is not None and loc.conflict.spec_fields != loc.fields
+        target = loc.variant if kept else loc.store
+        target.delete(MANIFEST_NAME)  # first: an interrupted redo leaves no manifest, so it reruns
+        target.delete_prefix("")
+    elif loc.manifest is not None:
+        return PhaseResult(round, phase, "Cached", loc.manifest, 0.0, loc.store.url())
+    elif loc.problem is not None:
+        raise PhaseError(f"{where} is damaged: {loc.problem}. Redo it and what depends on it: "
+                         f"`rlp run SPEC --redo {where}`")
+    elif loc.conflict is not None:
+        if not rerun_changed:
+            raise SpecChanged(f"{where} in {loc.store.url()} was made under another spec: {loc.changes()}. "
+                              f"Keep it and run the changed phases under new output paths with `rlp run SPEC "
+                              f"--rerun-changed`, replace it with `--redo {where}`, or use a new run name")
+        target = loc.variant
+    else:
+        target = loc.store
     started, t0 = utc_now(), time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 publishes
     telemetry = telemetry or PhaseTelemetry(run.metadata.name, round, phase)
-    with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-") as tmp:
+    work = cache_dir / "work"
+    remove_orphaned_work_dirs(work)
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-{os.getpid()}-", dir=work) as tmp:
         out_dir = Path(tmp)
         if run.spec.phase_enabled(phase):
-            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback)
+            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback,
+                               provenance=provenance, out_store=target)
             metrics, state = PHASES[phase](ctx), "Succeeded"
         else:
             metrics, state = {"skipped": True, "reason": f"strategy {run.spec.reward_learning.strategy}"}, "Skipped"
         telemetry.finish()
         if not is_main:
-            return PhaseResult(round, phase, state, None, time.perf_counter() - t0)
-        manifest = publish_phase_output(prefix, out_dir, phase=phase, round=round, metrics=metrics,
-                                        spec_hash=run.spec.hash(), code_version=code_version(), started_at=started)
-    return PhaseResult(round, phase, state, manifest, time.perf_counter() - t0)
+            return PhaseResult(round, phase, state, None, time.perf_counter() - t0, target.url())
+        manifest = publish_phase_output(
+            target, out_dir, phase=phase, round=round, metrics=metrics, spec_hash=provenance.save_spec(),
+            code_version=code_version(), started_at=started,
+            provenance={"fingerprint": loc.fingerprint, "spec_fields": loc.fields, "inputs": loc.inputs},
+        )
+    if not run.spec.storage.keep_checkpoints:
+        target.delete_prefix(CHECKPOINT_DIR)
+    provenance.forget(round, phase)
+    return PhaseResult(round, phase, state, manifest, time.perf_counter() - t0, target.url())

@@ -367,6 +367,8 @@ class SecretRef(SpecModel):
 
 
 class Storage(SpecModel):
+    """Where phase outputs live (layout: docs/storage.md) and how long S3 trouble is waited out."""
+
     uri: StorageURI = Field(
         "file://./runs",
         description="Root for checkpoints and phase outputs: s3://bucket/prefix (the bucket must exist), or "
@@ -375,6 +377,26 @@ class Storage(SpecModel):
     endpoint: EndpointURL | None = Field(None, description="S3 endpoint URL for non-AWS servers.")
     region: Annotated[str, StringConstraints(max_length=64)] | None = None
     secret_ref: SecretRef | None = Field(None, description="Credentials for s3:// (cluster runs).")
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="S3: give up one connection attempt after this long.")
+    read_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="S3: give up one request whose server sends nothing for this long."
+    )
+    retry_seconds: float = Field(
+        120.0, ge=0, le=86400,
+        description="S3: keep retrying an unreachable, timing-out or 5xx-answering server (with backoff) this long; "
+        "an outage shorter than this is ridden out.",
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep a phase's resumable checkpoints (_checkpoints/) after it succeeds (default: delete them)."
+    )
+
+    def open(self, uri: str | None = None):
+        """The `rlp_core.store.Store` at `uri` (default: this storage's root) with these settings."""
+        from rlp_core.store import Store  # boto3 is loaded only when a store is opened
+
+        return Store.from_uri(uri or self.uri, endpoint=self.endpoint, region=self.region,
+                              timeout=self.read_timeout_seconds, connect_timeout=self.connect_timeout_seconds,
+                              retry_seconds=self.retry_seconds)
 
 
 class Toleration(SpecModel):
@@ -491,18 +513,44 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def settings_problems(spec: RLPRunSpec) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about settings that are valid one by one but do not work together."""
+    errors, warnings = [], []
+    if spec.policy.model is None:  # the tiny model's context is maxPositions tokens
+        room = spec.policy.sft.tiny.max_positions
+        for path, n in (("generation.maxNewTokens", spec.generation.max_new_tokens),
+                        ("optimization.maxNewTokens", spec.optimization.max_new_tokens),
+                        ("evaluation.maxNewTokens", spec.evaluation.max_new_tokens)):
+            if n >= room:
+                errors.append(f"spec.{path}: {n} leaves no room for the prompt within "
+                              f"spec.policy.sft.tiny.maxPositions ({room}); make maxPositions cover the longest "
+                              "prompt plus maxNewTokens, or lower maxNewTokens")
+    strategy = spec.reward_learning.strategy
+    if strategy in ("rlp-spg", "rlp", "ser") and spec.generation.samples_per_prompt < 2:
+        warnings.append(f"spec.generation.samplesPerPrompt is 1: {strategy} builds its pairs from several samples "
+                        "of the same prompt, so it adds none and the RM trains on human pairs only; set it to 2 or more")
+    return errors, warnings
+
+
 def parse_run(doc: dict[str, Any], source: str = "<spec>") -> RLPRun:
     try:
-        return RLPRun.model_validate(doc)
+        run = RLPRun.model_validate(doc)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
+    errors, _ = settings_problems(run.spec)
+    if errors:
+        raise SpecError("\n".join([f"{source}: invalid RLPRun ({len(errors)} problem(s)):",
+                                    *(f"  - {e}" for e in errors)]))
+    return run
 
 
 def load_run(path: str | Path) -> RLPRun:
     """Load an RLPRun YAML (the same file `kubectl apply` takes) or a bare spec JSON (`rlp phase`)."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_bytes().decode())
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (invalid byte at offset {err.start}); give the RLPRun YAML") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
     except OSError as err:
