@@ -20,7 +20,7 @@ from rlp_core.models import default_device, load_reward_model, load_tokenizer
 from rlp_core.spec import RLPRun, Storage
 from rlp_core.store import Store
 from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss
-from rlp_core.tasks import gold_judge
+from rlp_core.judges import programmatic_judge
 from rlp_core.telemetry import PhaseTelemetry
 
 POLICY_DIR, RM_DIR, SAMPLES_FILE, HISTORY_FILE = "policy", "reward_model", "samples.jsonl", "history.jsonl"
@@ -65,7 +65,19 @@ class PhaseContext:
 
     @property
     def max_length(self) -> int:
-        return self.spec.policy.sft.tiny.max_positions
+        """Longest prompt+response: the tiny model's positions, or the run's own length settings."""
+        spec = self.spec
+        if spec.policy.model is None:
+            return spec.policy.sft.tiny.max_positions
+        return spec.policy.max_prompt_tokens + max(
+            spec.generation.max_new_tokens, spec.optimization.max_new_tokens, spec.evaluation.max_new_tokens)
+
+    def tokenizer(self, path: Path):
+        """The tokenizer of a model directory, with the run's chat-template setting."""
+        try:
+            return load_tokenizer(path, self.spec.policy.chat_template)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise PhaseError(f"spec.policy.model / spec.rewardModel.model: {err}") from None
 
     def store_of(self, round: int, phase: str) -> Store:
         return self.root.child(phase_prefix(self.run.metadata.namespace, self.run.metadata.name, round, phase))
@@ -139,8 +151,7 @@ class PhaseContext:
         return split_held_out(pairs, self.spec.reward_model.held_out_fraction, self.spec.seed)
 
     def gold(self) -> Callable[[str, str], float] | None:
-        judge = self.spec.evaluation.judge
-        return gold_judge(judge) if judge.startswith("builtin://") else None
+        return programmatic_judge(self.spec.evaluation.judge)
 
 
 
@@ -148,7 +159,7 @@ def train_reward_model(
     ctx: PhaseContext, init_dir: Path, pairs: list[PreferencePair], training, description: str,
 ) -> tuple[Any, Any, dict[str, float]]:
     """Continue training the RM at `init_dir` on `pairs`; report held-out human accuracy before/after."""
-    tokenizer = load_tokenizer(init_dir)
+    tokenizer = ctx.tokenizer(init_dir)
     model = load_reward_model(init_dir).to(ctx.device)
     _, held_out = ctx.human_pairs()
     before = preference_accuracy(model, tokenizer, held_out, ctx.max_length)

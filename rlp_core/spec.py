@@ -81,7 +81,16 @@ class SFT(SpecModel):
 
 class Policy(SpecModel):
     model: str | None = Field(
-        None, description="HF-format directory (URI) of the starting (SFT) policy; omit to run the sft phase."
+        None, description="HF-format directory (URI: file://, s3://) of the starting (SFT) policy; omit to run the "
+        "sft phase."
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="auto: prompts go through the tokenizer's chat template (with the generation prompt) when "
+        "it has one, for policy, reward model, critic and evaluation alike; none: plain text."
+    )
+    max_prompt_tokens: int = Field(
+        256, ge=1, le=131072, description="Longest rendered prompt of a pretrained policy; with the longest maxNewTokens "
+        "it bounds every sequence (a tiny model uses sft.tiny.maxPositions)."
     )
     sft: SFT = Field(default_factory=SFT)
 
@@ -185,6 +194,22 @@ class DeepSpeed(SpecModel):
     bf16: Literal["auto", "true", "false"] = Field("auto", description="auto: bf16 on GPUs that support it.")
 
 
+class LoRA(SpecModel):
+    """Low-rank adapters (peft) on the policy: the reference policy is the same model with its adapters
+    disabled (no second copy), and the saved policy is the merged model (loads with plain transformers)."""
+
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout; PPO switches dropout off in its models.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names the adapters wrap (or [all-linear]).",
+    )
+    critic: Literal["lora", "full"] = Field(
+        "lora", description="lora: the critic gets its own adapters (its value head trained in full); full: all weights."
+    )
+
+
 class Optimization(SpecModel):
     algorithm: Literal["ppo", "apa"] = "ppo"
     reward: Literal["reward-model", "judge"] = Field(
@@ -222,6 +247,10 @@ class Optimization(SpecModel):
     temperature: float = Field(1.0, gt=0, le=10)
     max_new_tokens: int = Field(8, ge=1, le=8192)
     checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
+    lora: LoRA | None = Field(None, description="Train low-rank adapters instead of all policy weights; unset: full.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass of policy and critic (less memory, ~30% slower)."
+    )
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
 
     @model_validator(mode="after")
@@ -237,7 +266,8 @@ class Evaluation(SpecModel):
     prompts: str = Field("builtin://arith/eval", description="JSONL of prompts the two policies answer.")
     judge: str = Field(
         "reward-model",
-        description="reward-model (the final refined RM) or builtin://<task> (a programmatic gold judge).",
+        description="reward-model (the final refined RM), builtin://<task> or reasoning-gym://<task>?<config> "
+        "(a programmatic gold judge).",
     )
     max_prompts: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, gt=0, le=10)
