@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from rlp_core.data import DataError, PreferencePair, Record, Sample, load_records, split_held_out
+from rlp_core.hub import HF_SCHEME, PACKAGED_SCHEME, ModelSourceError, check_model_dir, fetch_hf
+from rlp_core.judges import programmatic_judge
 from rlp_core.manifest import fetch_phase_output, phase_prefix
 from rlp_core.models import default_device, load_reward_model, load_tokenizer
+from rlp_core.pretrained import ModelSetupError, fetch_model
 from rlp_core.spec import RLPRun, Storage
 from rlp_core.store import Store
 from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss
-from rlp_core.judges import programmatic_judge
 from rlp_core.telemetry import PhaseTelemetry
 
 POLICY_DIR, RM_DIR, SAMPLES_FILE, HISTORY_FILE = "policy", "reward_model", "samples.jsonl", "history.jsonl"
@@ -58,6 +60,7 @@ class PhaseContext:
     telemetry: PhaseTelemetry
     device: torch.device = field(default_factory=default_device)
     step_callback: StepCallback | None = None  # called by optimize after each step (benchmarks, probes)
+    model_revisions: dict[str, str] = field(default_factory=dict)  # hf:// URI -> commit, for the manifest
 
     @property
     def spec(self):
@@ -93,19 +96,27 @@ class PhaseContext:
             marker.touch()
         return local
 
-    def fetch_uri(self, uri: str) -> Path:
-        """A user-given model directory: a local path as is, a store URI downloaded into the cache."""
-        if "://" not in uri or uri.startswith("file://"):
-            path = Path(uri.removeprefix("file://"))
-            if not (path / "config.json").exists():
-                raise PhaseError(f"{uri}: not a model directory (no config.json); give a save_pretrained directory")
-            return path
-        store = self.store_for_uri(uri)
-        local = self.cache_dir / "models" / uri.replace("://", "/").strip("/")
-        if not (local / ".complete").exists():
-            store.download_dir("", local, store.list())
-            (local / ".complete").touch()
-        return local
+    def fetch_uri(self, uri: str, field: str = "spec.policy.model") -> Path:
+        """A user-given model directory, checked to load: a local path as is, a store URI downloaded into the
+        cache, hf:// through huggingface_hub (its commit recorded in `model_revisions`), packaged:// converted
+        once from the package's weights."""
+        try:
+            if "://" not in uri or uri.startswith("file://"):
+                local = Path(uri.removeprefix("file://")).expanduser()
+            elif uri.startswith(HF_SCHEME):
+                local, self.model_revisions[uri] = fetch_hf(uri, field, self.cache_dir / "huggingface",
+                                                            self.spec.hub.endpoint)
+            elif uri.startswith(PACKAGED_SCHEME):
+                local = fetch_model(uri.removeprefix(PACKAGED_SCHEME))
+            else:
+                store = self.store_for_uri(uri)
+                local = self.cache_dir / "models" / uri.replace("://", "/").strip("/")
+                if not (local / ".complete").exists():
+                    store.download_dir("", local, store.list())
+                    (local / ".complete").touch()
+            return check_model_dir(local, field, uri)
+        except (ModelSourceError, ModelSetupError) as err:
+            raise PhaseError(str(err)) from None
 
     def store_for_uri(self, uri: str) -> Store:
         return store_for_uri(self.spec.storage, uri)
@@ -139,7 +150,7 @@ class PhaseContext:
         if latest is None:
             if self.spec.reward_model.model is None:
                 raise PhaseError("no reward model: set spec.rewardModel.model or let the reward phase run")
-            return self.fetch_uri(self.spec.reward_model.model)
+            return self.fetch_uri(self.spec.reward_model.model, "spec.rewardModel.model")
         return self.fetch(*latest) / RM_DIR
 
     def samples(self) -> list[Sample]:

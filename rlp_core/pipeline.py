@@ -300,6 +300,8 @@ def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir
         if run.spec.phase_enabled(phase):
             ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback)
             metrics, state = PHASES[phase](ctx), "Succeeded"
+            if ctx.model_revisions:  # hf:// models: the exact commits this phase used
+                metrics["model_revisions"] = ctx.model_revisions
         else:
             metrics, state = {"skipped": True, "reason": f"strategy {run.spec.reward_learning.strategy}"}, "Skipped"
         telemetry.finish()

@@ -81,8 +81,8 @@ class SFT(SpecModel):
 
 class Policy(SpecModel):
     model: str | None = Field(
-        None, description="HF-format directory (URI: file://, s3://) of the starting (SFT) policy; omit to run the "
-        "sft phase."
+        None, description="HF-format directory of the starting (SFT) policy: file://, s3://, hf://org/name@revision or "
+        "packaged://smollm2; omit to run the sft phase."
     )
     chat_template: Literal["auto", "none"] = Field(
         "auto", description="auto: prompts go through the tokenizer's chat template (with the generation prompt) when "
@@ -97,7 +97,8 @@ class Policy(SpecModel):
 
 class RewardModel(SpecModel):
     model: str | None = Field(
-        None, description="HF-format directory (URI) of a trained reward model; omit to run the reward phase."
+        None, description="HF-format directory (file://, s3://, hf://, packaged://) of a trained reward model; omit to "
+        "run the reward phase, which trains one from the policy's backbone."
     )
     human_preferences: str = Field(
         "builtin://arith/preferences", description="JSONL of {prompt, chosen, rejected} human preference pairs."
@@ -279,6 +280,18 @@ class SecretRef(SpecModel):
     name: str = Field(..., min_length=1, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
 
 
+class TokenSecretRef(SpecModel):
+    name: str = Field(..., min_length=1, description="Secret holding the Hugging Face token.")
+    key: str = Field("HF_TOKEN", min_length=1, description="Key of the token in the Secret (exposed as HF_TOKEN).")
+
+
+class Hub(SpecModel):
+    """Access to the Hugging Face Hub for `hf://org/name@revision` model URIs (fetched in the job pod)."""
+
+    endpoint: str | None = Field(None, description="Hub or mirror URL (HF_ENDPOINT); default: huggingface.co.")
+    secret_ref: TokenSecretRef | None = Field(None, description="Token for gated or private models.")
+
+
 class Storage(SpecModel):
     uri: str = Field("file://./runs", description="Root for checkpoints and phase outputs: s3://bucket/prefix or file://dir.")
     endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS servers.")
@@ -331,6 +344,7 @@ class RLPRunSpec(SpecModel):
     rounds: int = Field(1, ge=1, le=100)
     seed: int = Field(0, ge=0)
     storage: Storage = Field(default_factory=Storage)
+    hub: Hub = Field(default_factory=Hub)
     resources: Resources = Field(default_factory=Resources)
     phases: dict[PhaseName, PhaseOverride] = Field(default_factory=dict)
     backoff_limit: int = Field(
