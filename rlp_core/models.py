@@ -138,6 +138,14 @@ def with_lora(model: PreTrainedModel, lora: LoRA, task_type: str) -> PreTrainedM
     return get_peft_model(model, config)
 
 
+def freeze_backbone(model: PreTrainedModel) -> PreTrainedModel:
+    """Only the head (`score`) stays trainable: no gradient flows into the backbone, so no backward pass runs
+    through it (a cheap critic on a large model)."""
+    model.requires_grad_(False)
+    _unwrapped(model).score.requires_grad_(True)
+    return model
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -33,10 +33,10 @@ from rlp_core.context import (
     train_reward_model,
 )
 from rlp_core.data import DataError, Demonstration, PreferencePair, Prompt, Record, Sample, load_records, write_records
-from rlp_core.evaluate import win_rate
+from rlp_core.evaluate import paired_change, win_rate
 from rlp_core.manifest import Manifest, code_version, phase_prefix, publish_phase_output, utc_now, verify_manifest
 from rlp_core.models import (
-    build_tiny_policy, enable_gradient_checkpointing, frozen_dtype, load_policy, load_reward_model, load_value_model,
+    build_tiny_policy, enable_gradient_checkpointing, freeze_backbone, frozen_dtype, load_policy, load_reward_model, load_value_model,
     reward_scores, save_model, train_tokenizer, with_lora,
 )
 from rlp_core.ppo import PPOTrainer
@@ -161,8 +161,10 @@ def trainable_models(ctx: PhaseContext, policy_dir: Path, start_dir: Path, value
         reference = load_policy(start_dir, frozen_dtype()).to(ctx.device)
     if opt.lora is not None:
         policy = with_lora(policy, opt.lora, "CAUSAL_LM")
-        if opt.lora.critic == "lora":
-            value_model = with_lora(value_model, opt.lora, "TOKEN_CLS")
+    if opt.critic_training == "lora":
+        value_model = with_lora(value_model, opt.lora, "TOKEN_CLS")
+    elif opt.critic_training == "head":
+        freeze_backbone(value_model)
     return policy.to(ctx.device), reference, value_model.to(ctx.device)
 
 
@@ -235,7 +237,8 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
         torch.manual_seed(ctx.spec.seed)
         out = []
         for i in range(0, len(prompts), 256):
-            roll = sample_responses(model, tok, prompts[i : i + 256], max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
+            roll = sample_responses(model, tok, prompts[i : i + 256], max_new_tokens=ev.max_new_tokens,
+                                    temperature=ev.temperature, do_sample=not ev.greedy)
             out += decode_responses(tok, roll)
         return out
 
@@ -248,8 +251,14 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
         for row in zip(prompts, new, base, new_scores, base_scores):
             f.write(json.dumps(dict(zip(("prompt", "policy", "baseline", "policy_score", "baseline_score"), row))) + "\n")
     result = win_rate(new_scores, base_scores, ev.confidence)
-    return {**result.as_dict(), "judge": ev.judge, "policy_score_mean": sum(new_scores) / len(prompts),
-            "baseline_score_mean": sum(base_scores) / len(prompts)}
+    change = paired_change(new_scores, base_scores, ev.confidence)
+    metrics = {**result.as_dict(), **change.as_dict("score_"), "judge": ev.judge, "greedy": ev.greedy,
+               "policy_score_mean": sum(new_scores) / len(prompts), "baseline_score_mean": sum(base_scores) / len(prompts)}
+    if gold is not None:  # a programmatic judge's full score is a correct answer
+        exact = paired_change([float(s == 1.0) for s in new_scores], [float(s == 1.0) for s in base_scores], ev.confidence)
+        metrics |= {"policy_accuracy": sum(s == 1.0 for s in new_scores) / len(prompts),
+                    "baseline_accuracy": sum(s == 1.0 for s in base_scores) / len(prompts), **exact.as_dict("accuracy_")}
+    return metrics
 
 
 def validate_inputs(run: RLPRun) -> None:

@@ -206,9 +206,6 @@ class LoRA(SpecModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1, description="Module names the adapters wrap (or [all-linear]).",
     )
-    critic: Literal["lora", "full"] = Field(
-        "lora", description="lora: the critic gets its own adapters (its value head trained in full); full: all weights."
-    )
 
 
 class Optimization(SpecModel):
@@ -249,10 +246,20 @@ class Optimization(SpecModel):
     max_new_tokens: int = Field(8, ge=1, le=8192)
     checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
     lora: LoRA | None = Field(None, description="Train low-rank adapters instead of all policy weights; unset: full.")
+    critic_training: Literal["full", "lora", "head"] = Field(
+        "full", description="What of the critic is trained: all weights; LoRA adapters (with optimization.lora's "
+        "settings) and the value head; or the value head alone on a frozen backbone (no backward pass through it)."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass of policy and critic (less memory, ~30% slower)."
     )
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
+
+    @model_validator(mode="after")
+    def _critic_lora_has_settings(self) -> Optimization:
+        if self.critic_training == "lora" and self.lora is None:
+            raise ValueError("criticTraining: lora needs optimization.lora (rank, alpha, targetModules)")
+        return self
 
     @model_validator(mode="after")
     def _minibatch_divides(self) -> Optimization:
@@ -272,6 +279,7 @@ class Evaluation(SpecModel):
     )
     max_prompts: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, gt=0, le=10)
+    greedy: bool = Field(False, description="Greedy decoding instead of sampling at `temperature`.")
     max_new_tokens: int = Field(8, ge=1, le=8192)
     confidence: float = Field(0.95, gt=0, lt=1, description="Level of the win-rate's confidence interval.")
 
