@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
@@ -56,7 +57,9 @@ def parse(uri: str) -> tuple[str, str | None, dict[str, Any], dict[str, Any]]:
 
 def _dataset(task: str, size: int, seed: int, config: dict[str, Any], uri: str):
     try:
-        import reasoning_gym
+        with warnings.catch_warnings():  # its dependency cellpylib compares with `is` on first import
+            warnings.simplefilter("ignore", SyntaxWarning)
+            import reasoning_gym
     except ImportError:
         raise ValueError(f"{uri}: reasoning-gym is not installed; install the 'pretrained' extra") from None
     try:
