@@ -97,10 +97,12 @@ def test_lora_ppo_raises_the_gold_reward_keeps_the_reference_and_saves_a_merged_
         with policy.disable_adapter():  # the reference: the pretrained weights, untouched by training
             torch.testing.assert_close(policy(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits,
                                        ref_before, atol=1e-5, rtol=0)
+        assert all(not p.requires_grad for n, p in policy.named_parameters() if "lora_" not in n)
         tuned = policy(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     save_model(policy, tok, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, no peft
     with torch.no_grad():
         merged_logits = plain(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    torch.testing.assert_close(merged_logits, tuned, atol=1e-3, rtol=0)
-    assert (merged_logits - ref_before).abs().max() > 1e-2
+    real = probe["attention_mask"].bool()  # left-padding positions attend to nothing: their logits are noise
+    torch.testing.assert_close(merged_logits[real], tuned[real], atol=2e-3, rtol=0)
+    assert (merged_logits[real] - ref_before[real]).abs().max() > 1e-2
