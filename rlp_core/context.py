@@ -18,7 +18,7 @@ from rlp_core.data import DataError, PreferencePair, Record, Sample, load_record
 from rlp_core.hub import HF_SCHEME, PACKAGED_SCHEME, ModelSourceError, check_model_dir, fetch_hf
 from rlp_core.judges import programmatic_judge
 from rlp_core.manifest import fetch_phase_output, phase_prefix
-from rlp_core.models import default_device, load_reward_model, load_tokenizer
+from rlp_core.models import default_device, load_reward_model, load_tokenizer, with_lora
 from rlp_core.pretrained import ModelSetupError, fetch_model
 from rlp_core.spec import RLPRun, Storage
 from rlp_core.store import Store
@@ -171,12 +171,15 @@ def train_reward_model(
 ) -> tuple[Any, Any, dict[str, float]]:
     """Continue training the RM at `init_dir` on `pairs`; report held-out human accuracy before/after."""
     tokenizer = ctx.tokenizer(init_dir)
-    model = load_reward_model(init_dir).to(ctx.device)
+    model = load_reward_model(init_dir)
+    if ctx.spec.reward_model.lora is not None:
+        model = with_lora(model, ctx.spec.reward_model.lora, "SEQ_CLS")
+    model = model.to(ctx.device)
     _, held_out = ctx.human_pairs()
     before = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
     batches = minibatches(pairs, training.batch_size, training.epochs, ctx.spec.seed + ctx.round)
-    history = fit(list(model.parameters()), batches, reward_loss(model, tokenizer, ctx.max_length), training,
-                  ctx.telemetry, description)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    history = fit(trainable, batches, reward_loss(model, tokenizer, ctx.max_length), training, ctx.telemetry, description)
     after = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
     ctx.telemetry.set_accuracy("held_out", after)
     return model, tokenizer, {"pairs": len(pairs), "steps": len(history), "final_reward_loss": history[-1]["reward_loss"],

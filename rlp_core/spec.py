@@ -95,6 +95,19 @@ class Policy(SpecModel):
     sft: SFT = Field(default_factory=SFT)
 
 
+class LoRA(SpecModel):
+    """Low-rank adapters (peft). On the policy the reference policy is the same model with its adapters
+    disabled (no second copy); saved models are merged (they load with plain transformers)."""
+
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout; PPO switches dropout off in its models.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names the adapters wrap (or [all-linear]).",
+    )
+
+
 class RewardModel(SpecModel):
     model: str | None = Field(
         None, description="HF-format directory (file://, s3://, hf://, packaged://) of a trained reward model; omit to "
@@ -104,6 +117,10 @@ class RewardModel(SpecModel):
         "builtin://arith/preferences", description="JSONL of {prompt, chosen, rejected} human preference pairs."
     )
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs kept out to measure accuracy.")
+    lora: LoRA | None = Field(
+        None, description="Train LoRA adapters and the score head instead of all weights (reward, synthesize and SER "
+        "training); the saved RM is the merged model."
+    )
     training: Training = Field(default_factory=lambda: Training(epochs=2, learning_rate=1e-3, batch_size=32))
 
 
@@ -193,19 +210,6 @@ class DeepSpeed(SpecModel):
     )
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: Literal["auto", "true", "false"] = Field("auto", description="auto: bf16 on GPUs that support it.")
-
-
-class LoRA(SpecModel):
-    """Low-rank adapters (peft) on the policy: the reference policy is the same model with its adapters
-    disabled (no second copy), and the saved policy is the merged model (loads with plain transformers)."""
-
-    rank: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha/rank.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout; PPO switches dropout off in its models.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1, description="Module names the adapters wrap (or [all-linear]).",
-    )
 
 
 class Optimization(SpecModel):

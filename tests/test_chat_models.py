@@ -146,3 +146,33 @@ def test_unknown_reasoning_gym_task_is_a_clear_error():
         programmatic_judge("reasoning-gym://no_such_task")
     with pytest.raises(DataError, match="no split 'train'"):
         load_records(f"reasoning-gym://basic_arithmetic/train?{GYM}", Prompt)
+
+
+def test_lora_reward_model_trains_adapters_and_head_and_saves_a_plain_merged_model(tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlp_core.models import save_model, with_lora
+    from rlp_core.spec import LoRA
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, num_labels=1)
+    rm = with_lora(LlamaForSequenceClassification(cfg), LoRA(rank=4, alpha=8), "SEQ_CLS")
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "score" in n for n in trainable)
+    assert any("score" in n for n in trainable)  # the fresh head is trained in full
+    enc = encode_pairs(tokenizer, ["1+2=", "13+4="], ["3", "17"], 32)
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = -reward_scores(rm, enc["input_ids"], enc["attention_mask"]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        tuned = reward_scores(rm, enc["input_ids"], enc["attention_mask"])
+    save_model(rm, tokenizer, tmp_path / "rm")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert not hasattr(plain, "peft_config")
+    with torch.no_grad():
+        torch.testing.assert_close(reward_scores(plain, enc["input_ids"], enc["attention_mask"]), tuned, atol=1e-5, rtol=0)
