@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rlp_core import gym_tasks
 from rlp_core.data import DataError, PreferencePair, Record, Sample, load_records, split_held_out
 from rlp_core.hub import HF_SCHEME, PACKAGED_SCHEME, ModelSourceError, check_model_dir, fetch_hf
 from rlp_core.judges import programmatic_judge
@@ -162,7 +163,12 @@ class PhaseContext:
         return split_held_out(pairs, self.spec.reward_model.held_out_fraction, self.spec.seed)
 
     def gold(self) -> Callable[[str, str], float] | None:
-        return programmatic_judge(self.spec.evaluation.judge)
+        spec = self.spec
+        if spec.evaluation.judge.startswith(gym_tasks.SCHEME):  # its judge reads the entries the data sources make
+            for uri in (spec.prompts, spec.evaluation.prompts, spec.reward_model.human_preferences):
+                if uri.startswith(gym_tasks.SCHEME):
+                    gym_tasks.records(uri)
+        return programmatic_judge(spec.evaluation.judge)
 
 
 
