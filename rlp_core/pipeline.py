@@ -36,11 +36,11 @@ from rlp_core.context import (
 from rlp_core.data import (
     DataError, Demonstration, Prompt, Sample, load_records, spec_sources, write_records,
 )
-from rlp_core.evaluate import win_rate
+from rlp_core.evaluate import paired_change, win_rate
 from rlp_core.manifest import MANIFEST_NAME, Manifest, code_version, publish_phase_output, utc_now
 from rlp_core.models import (
-    build_tiny_policy, load_policy, load_reward_model, load_tokenizer, load_value_model, reward_scores, save_model,
-    train_tokenizer,
+    build_tiny_policy, enable_gradient_checkpointing, freeze_backbone, frozen_dtype, load_policy, load_reward_model, load_value_model,
+    reward_scores, save_model, train_tokenizer, with_lora,
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.provenance import Provenance, output_key, upstream
@@ -48,7 +48,7 @@ from rlp_core.sampling import decode_responses, sample_responses
 from rlp_core.spec import RLPRun
 from rlp_core.store import Store
 from rlp_core.supervised import fit, minibatches, sft_loss
-from rlp_core.tasks import gold_judge
+from rlp_core.judges import is_programmatic, programmatic_judge
 from rlp_core.telemetry import PhaseTelemetry
 
 __all__ = ["HISTORY_FILE", "POLICY_DIR", "RM_DIR", "SAMPLES_FILE", "PhaseContext", "PhaseError", "execute_phase"]
@@ -80,7 +80,7 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
     gen = ctx.spec.generation
     prompts = ctx.records(ctx.spec.prompts, Prompt)[: gen.max_prompts]
     policy_dir = ctx.policy_dir()
-    tokenizer = load_tokenizer(policy_dir)
+    tokenizer = ctx.tokenizer(policy_dir)
     ctx.check_fits(tokenizer, [p.prompt for p in prompts], gen.max_new_tokens, "generation.maxNewTokens")
     model = load_policy(policy_dir).to(ctx.device)
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
@@ -134,29 +134,50 @@ def judge_score_fn(gold: Callable[[str, str], float]):
 TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}
 
 
+def trainable_models(ctx: PhaseContext, policy_dir: Path, start_dir: Path, value_dir: Path):
+    """(policy, reference or None, critic) of the optimize phase. With `optimization.lora` the policy is a
+    peft model and, while it starts from the reference's weights, the reference is the policy with its
+    adapters disabled (None): one copy of the backbone instead of two."""
+    opt = ctx.spec.optimization
+    policy, value_model = load_policy(policy_dir), load_value_model(value_dir)
+    if opt.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(value_model)
+    reference = None
+    if opt.lora is None or policy_dir != start_dir:
+        reference = load_policy(start_dir, frozen_dtype()).to(ctx.device)
+    if opt.lora is not None:
+        policy = with_lora(policy, opt.lora, "CAUSAL_LM")
+    if opt.critic_training == "lora":
+        value_model = with_lora(value_model, opt.lora, "TOKEN_CLS")
+    elif opt.critic_training == "head":
+        freeze_backbone(value_model)
+    return policy.to(ctx.device), reference, value_model.to(ctx.device)
+
+
 def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     opt = ctx.spec.optimization
     policy_dir, start_dir = ctx.policy_dir(), ctx.start_policy_dir()
-    tokenizer = load_tokenizer(policy_dir)
+    tokenizer = ctx.tokenizer(policy_dir)
     gold = ctx.gold()
     if opt.reward == "judge":
         if gold is None:
             raise PhaseError("spec.optimization.reward: judge needs a programmatic spec.evaluation.judge "
-                             "(builtin://<task>); use reward-model otherwise")
+                             "(builtin://<task> or reasoning-gym://<task>); use reward-model otherwise")
         rm_dir = None
         score_fn = judge_score_fn(gold)
     else:
         rm_dir = ctx.reward_model_dir()
-        reward_model = load_reward_model(rm_dir).to(ctx.device).eval().requires_grad_(False)
+        reward_model = load_reward_model(rm_dir, frozen_dtype()).to(ctx.device).eval().requires_grad_(False)
         score_fn = rm_score_fn(reward_model, ctx.device)
     value_dir = policy_dir if opt.value_init == "policy" or rm_dir is None else rm_dir
     prompts = [p.prompt for p in ctx.records(ctx.spec.prompts, Prompt)]
     ctx.check_fits(tokenizer, prompts, opt.max_new_tokens, "optimization.maxNewTokens")
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
+    policy, reference, value_model = trainable_models(ctx, policy_dir, start_dir, value_dir)
     checkpointer = StoreCheckpointer(ctx.out_store)
     trainer = TRAINERS[opt.algorithm](
-        config=opt, policy=load_policy(policy_dir).to(ctx.device), reference=load_policy(start_dir).to(ctx.device),
-        value_model=load_value_model(value_dir).to(ctx.device), tokenizer=tokenizer,
+        config=opt, policy=policy, reference=reference, value_model=value_model, tokenizer=tokenizer,
         score_fn=score_fn, prompts=prompts, seed=ctx.spec.seed + ctx.round,
         telemetry=ctx.telemetry, checkpointer=checkpointer,
         gold_fn=None if gold is None else (lambda ps, rs: [gold(p, r) for p, r in zip(ps, rs)]),
@@ -188,7 +209,7 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
             return [gold(p, r) for p, r in zip(ps, rs)]
     elif ev.judge == "reward-model":
         rm_dir = ctx.reward_model_dir()
-        rm_tok, rm = load_tokenizer(rm_dir), load_reward_model(rm_dir).to(ctx.device).eval()
+        rm_tok, rm = ctx.tokenizer(rm_dir), load_reward_model(rm_dir).to(ctx.device).eval()
 
         def judge(ps, rs):
             from rlp_core.models import encode_pairs
@@ -197,14 +218,16 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
             with torch.no_grad():
                 return reward_scores(rm, enc["input_ids"].to(ctx.device), enc["attention_mask"].to(ctx.device)).tolist()
     else:
-        raise PhaseError(f"spec.evaluation.judge: unknown judge {ev.judge!r}; use reward-model or builtin://<task>")
+        raise PhaseError(f"spec.evaluation.judge: unknown judge {ev.judge!r}; use reward-model, builtin://<task> "
+                         "or reasoning-gym://<task>")
 
     def answers(policy_dir: Path) -> list[str]:
-        tok, model = load_tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
+        tok, model = ctx.tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
         torch.manual_seed(ctx.spec.seed)
         out = []
         for i in range(0, len(prompts), 256):
-            roll = sample_responses(model, tok, prompts[i : i + 256], max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
+            roll = sample_responses(model, tok, prompts[i : i + 256], max_new_tokens=ev.max_new_tokens,
+                                    temperature=ev.temperature, do_sample=not ev.greedy)
             out += decode_responses(tok, roll)
         return out
 
@@ -217,8 +240,14 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
         for row in zip(prompts, new, base, new_scores, base_scores):
             f.write(json.dumps(dict(zip(("prompt", "policy", "baseline", "policy_score", "baseline_score"), row))) + "\n")
     result = win_rate(new_scores, base_scores, ev.confidence)
-    return {**result.as_dict(), "judge": ev.judge, "policy_score_mean": sum(new_scores) / len(prompts),
-            "baseline_score_mean": sum(base_scores) / len(prompts)}
+    change = paired_change(new_scores, base_scores, ev.confidence)
+    metrics = {**result.as_dict(), **change.as_dict("score_"), "judge": ev.judge, "greedy": ev.greedy,
+               "policy_score_mean": sum(new_scores) / len(prompts), "baseline_score_mean": sum(base_scores) / len(prompts)}
+    if gold is not None:  # a programmatic judge's full score is a correct answer
+        exact = paired_change([float(s == 1.0) for s in new_scores], [float(s == 1.0) for s in base_scores], ev.confidence)
+        metrics |= {"policy_accuracy": sum(s == 1.0 for s in new_scores) / len(prompts),
+                    "baseline_accuracy": sum(s == 1.0 for s in base_scores) / len(prompts), **exact.as_dict("accuracy_")}
+    return metrics
 
 
 def validate_inputs(run: RLPRun) -> None:
@@ -226,9 +255,9 @@ def validate_inputs(run: RLPRun) -> None:
     spec = run.spec
     for _, uri, record in spec_sources(spec):
         load_records(uri, record, lambda u: read_uri(spec.storage, u))
-    if spec.evaluation.judge.startswith("builtin://"):
+    if is_programmatic(spec.evaluation.judge):
         try:
-            gold_judge(spec.evaluation.judge)
+            programmatic_judge(spec.evaluation.judge)
         except ValueError as err:
             raise DataError(f"spec.evaluation.judge: {err}") from None
 
@@ -317,6 +346,8 @@ def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir
             ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback,
                                provenance=provenance, out_store=target)
             metrics, state = PHASES[phase](ctx), "Succeeded"
+            if ctx.model_revisions:  # hf:// models: the exact commits this phase used
+                metrics["model_revisions"] = ctx.model_revisions
         else:
             metrics, state = {"skipped": True, "reason": f"strategy {run.spec.reward_learning.strategy}"}, "Skipped"
         telemetry.finish()

@@ -26,16 +26,18 @@ POLICY_PRODUCERS = ("optimize", "sft")
 RM_PRODUCERS = ("synthesize", "refine", "reward")
 SPEC_DIR = "_specs"
 MAX_LENGTH = "policy.sft.tiny.maxPositions"
+# how every phase renders and bounds its inputs (rlp_core.models.render_prompt, PhaseContext.max_length)
+INPUT_FORMAT = (MAX_LENGTH, "policy.chatTemplate", "policy.maxPromptTokens")
 
 # Spec fields (camelCase paths) that change what a phase produces; its inputs cover the rest.
 PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "sft": ("seed", "policy"),
-    "reward": ("seed", "rewardModel", MAX_LENGTH),
-    "generate": ("seed", "prompts", "generation", "evaluation.judge", MAX_LENGTH),
-    "refine": ("seed", "rewardModel", "rewardLearning.strategy", "rewardLearning.uml", "generation", MAX_LENGTH),
-    "synthesize": ("seed", "rewardModel", "rewardLearning", "generation", MAX_LENGTH),
-    "optimize": ("seed", "prompts", "optimization", "evaluation.judge", MAX_LENGTH),
-    "evaluate": ("seed", "evaluation", "rewardModel.model", MAX_LENGTH),
+    "reward": ("seed", "rewardModel", *INPUT_FORMAT),
+    "generate": ("seed", "prompts", "generation", "evaluation.judge", *INPUT_FORMAT),
+    "refine": ("seed", "rewardModel", "rewardLearning.strategy", "rewardLearning.uml", "generation", *INPUT_FORMAT),
+    "synthesize": ("seed", "rewardModel", "rewardLearning", "generation", *INPUT_FORMAT),
+    "optimize": ("seed", "prompts", "optimization", "evaluation.judge", *INPUT_FORMAT),
+    "evaluate": ("seed", "evaluation", "rewardModel.model", *INPUT_FORMAT),
 }
 
 

@@ -235,6 +235,16 @@ def test_render_job_multi_node_and_kueue(tmp_path):
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
 
 
+def test_hf_token_and_endpoint_reach_the_pod_from_spec_hub(tmp_path):
+    run = _run(tmp_path, hub={"endpoint": "http://hub-mirror:8080", "secretRef": {"name": "hf", "key": "token"}})
+    job, _ = wl.render_job(run, 1, "optimize", 1, OWNER)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_ENDPOINT"]["value"] == "http://hub-mirror:8080"
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    plain, _ = wl.render_job(_run(tmp_path), 1, "optimize", 1, OWNER)
+    assert not {"HF_TOKEN", "HF_ENDPOINT"} & {e["name"] for e in plain["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
 def test_configmap_holds_the_spec_without_secret_values(tmp_path):
     run = _run(tmp_path, storage={"uri": "s3://bkt/p", "secretRef": {"name": "creds"}})
     cm = wl.render_configmap(run, OWNER)

@@ -256,6 +256,12 @@ def render_job(
             {"name": key, "valueFrom": {"secretKeyRef": {"name": storage.secret_ref.name, "key": key}}}
             for key in SECRET_KEYS
         ]
+    hub = spec.hub  # hf:// models are fetched in the pod with these
+    if hub.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hub.endpoint})
+    if hub.secret_ref:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hub.secret_ref.name,
+                                                                        "key": hub.secret_ref.key}}})
     service = None
     if nodes > 1:
         svc = service_name(job)
