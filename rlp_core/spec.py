@@ -216,9 +216,9 @@ class LoRA(SpecModel):
     rank: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout; PPO switches dropout off in its models.")
-    target_modules: list[str] = Field(
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1, description="Module names the adapters wrap (or [all-linear]).",
+        min_length=1, max_length=16, description="Module names the adapters wrap (or [all-linear]).",
     )
 
 
@@ -413,14 +413,15 @@ class SecretRef(SpecModel):
 
 
 class TokenSecretRef(SpecModel):
-    name: str = Field(..., min_length=1, description="Secret holding the Hugging Face token.")
-    key: str = Field("HF_TOKEN", min_length=1, description="Key of the token in the Secret (exposed as HF_TOKEN).")
+    name: ObjectName = Field(..., description="Secret holding the Hugging Face token.")
+    key: Annotated[str, StringConstraints(min_length=1, max_length=253)] = Field(
+        "HF_TOKEN", description="Key of the token in the Secret (exposed as HF_TOKEN).")
 
 
 class Hub(SpecModel):
     """Access to the Hugging Face Hub for `hf://org/name@revision` model URIs (fetched in the job pod)."""
 
-    endpoint: str | None = Field(None, description="Hub or mirror URL (HF_ENDPOINT); default: huggingface.co.")
+    endpoint: EndpointURL | None = Field(None, description="Hub or mirror URL (HF_ENDPOINT); default: huggingface.co.")
     secret_ref: TokenSecretRef | None = Field(None, description="Token for gated or private models.")
 
 

@@ -17,6 +17,7 @@ from rlp_core.judges import programmatic_judge
 from rlp_core.models import encode_pairs, encode_prompts, render_prompt, reward_scores, train_tokenizer
 from rlp_core.sampling import response_mask_from
 from rlp_core.spec import RLPRun
+from rlp_core.store import Store
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -117,7 +118,8 @@ def test_max_length_belongs_to_the_run_for_a_pretrained_policy(tmp_path):
     tiny = RLPRun.model_validate({"spec": {}})
     real = RLPRun.model_validate({"spec": {"policy": {"model": "file:///models/x", "maxPromptTokens": 100},
                                            "optimization": {"maxNewTokens": 24}}})
-    ctx = lambda run: PhaseContext(run, 1, "optimize", None, tmp_path, tmp_path, None)  # noqa: E731
+    store = Store.from_uri(f"file://{tmp_path}/store")
+    ctx = lambda run: PhaseContext(run, 1, "optimize", store, tmp_path, tmp_path, None)  # noqa: E731
     assert ctx(tiny).max_length == tiny.spec.policy.sft.tiny.max_positions
     assert ctx(real).max_length == 124
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from rlp_core.context import PhaseContext, PhaseError
 from rlp_core.models import build_tiny_policy, save_model, train_tokenizer
 from rlp_core.spec import RLPRun, TinyModel
+from rlp_core.store import Store
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -95,7 +96,8 @@ def hub(model_dir):
 
 def context(tmp_path: Path, spec: dict) -> PhaseContext:
     run = RLPRun.model_validate({"spec": spec})
-    return PhaseContext(run, 1, "optimize", None, tmp_path / "cache", tmp_path / "out", None)
+    return PhaseContext(run, 1, "optimize", Store.from_uri(f"file://{tmp_path}/store"), tmp_path / "cache",
+                        tmp_path / "out", None)
 
 
 def test_hf_uri_is_fetched_with_snapshot_download_and_its_commit_recorded(tmp_path, hub, model_dir):
