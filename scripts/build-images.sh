@@ -91,8 +91,11 @@ if [[ -z "$BUILDER" ]]; then
         BUILDER=podman
     fi
 fi
-case "$BUILDER" in docker | podman | buildah) ;; *) die "RLP_IMAGE_BUILDER must be docker, podman or buildah" ;; esac
-command -v "$BUILDER" >/dev/null 2>&1 || die "$BUILDER not found"
+case "$BUILDER" in
+    docker) command -v docker >/dev/null 2>&1 || die "docker not found" ;;
+    podman | buildah) command -v "$BUILDER" >/dev/null 2>&1 || apt_install podman buildah runc uidmap ;;
+    *) die "RLP_IMAGE_BUILDER must be docker, podman or buildah" ;;
+esac
 
 BUILD_FLAGS=()
 if [[ $BUILDER != docker ]]; then
@@ -150,7 +153,7 @@ import_rootfs() {  # tarball name description
 make_stand_in() {  # base image name
     local name=$1 work
     work=$(mktemp -d)
-    local hooks=(--customize-hook='mkdir -p "$1/etc/uv" && printf "native-tls = true\n" >"$1/etc/uv/uv.toml"')
+    local hooks=(--customize-hook='mkdir -p "$1/etc/uv" && printf "system-certs = true\n" >"$1/etc/uv/uv.toml"')
     if [[ ${RLP_TRUST_HOST_CA:-1} == 1 ]] && compgen -G "$HOST_CA_DIR/*.crt" >/dev/null; then
         hooks+=(--customize-hook="cp $HOST_CA_DIR/*.crt \"\$1/usr/local/share/ca-certificates/\" && chroot \"\$1\" update-ca-certificates >/dev/null")
     fi
@@ -258,13 +261,17 @@ build() {  # target
         return 0
     fi
     say "building $image from $dockerfile"
-    local t0=$SECONDS
+    local t0=$SECONDS previous
+    previous=$(image_id "$image")
     case "$BUILDER" in
         docker) docker build --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . ;;
         podman) podman build "${BUILD_FLAGS[@]}" --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . ;;
         buildah) buildah bud "${BUILD_FLAGS[@]}" --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . ;;
     esac >&2
     say "built $image in $((SECONDS - t0)) s"
+    if [[ -n "$previous" && "$previous" != "$(image_id "$image")" ]]; then
+        "$BUILDER" rmi "$previous" >/dev/null 2>&1 || true  # the replaced build, unless something uses it
+    fi
 }
 
 for target in "${TARGETS[@]}"; do
