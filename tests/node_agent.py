@@ -51,6 +51,7 @@ Also runnable by hand against a kubeconfig: ``python tests/node_agent.py --kubec
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -66,6 +67,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -699,6 +702,33 @@ class NodeAgent:
             self.api.merge_patch(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", {"status": status})
         except ApiError as err:
             log.warning("could not fail %s/%s: %s", meta["namespace"], meta["name"], err)
+
+
+# --------------------------------------------------------------------------------------------------
+# for tests: an agent whose node takes only the pods that ask for it
+
+AGENT_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
+AGENT_NODE_LABEL = "rlp.dev/agent-node"
+
+
+@contextlib.contextmanager
+def running_agent(control_plane, *, podman: Podman | None = None) -> Iterator[NodeAgent]:
+    """A started agent on a fresh node, tainted so that only pods placed with ``on_agent`` land there;
+    stopped after, and its loops must have run without unexpected errors."""
+    name = f"rlp-agent-{uuid.uuid4().hex[:6]}"
+    agent = NodeAgent(control_plane.api_client(), name, labels={AGENT_NODE_LABEL: name}, taints=[AGENT_TAINT],
+                      podman=podman).start()  # fmt: skip
+    try:
+        yield agent
+    finally:
+        agent.stop()
+    assert not agent.errors, agent.errors
+
+
+def on_agent(agent: NodeAgent) -> dict:
+    """Pod spec fields (also RLPRun spec.resources fields) that put a pod on the agent's node and only there."""
+    return {"nodeSelector": {AGENT_NODE_LABEL: agent.node_name},
+            "tolerations": [{"key": AGENT_TAINT["key"], "operator": "Equal", "value": "true", "effect": "NoSchedule"}]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
