@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +56,22 @@ class ContainerImages:
         return self.podman.run("image", "inspect", "--format", fmt, image, check=True).stdout.strip()
 
 
+class ImageBuildError(RuntimeError):
+    pass
+
+
 def build_images() -> ContainerImages:
-    """Run scripts/build-images.sh with podman (a no-op for images that are up to date); its progress goes
-    to this process's stderr."""
+    """Run scripts/build-images.sh with podman (a no-op for images that are up to date); its log goes to
+    ``RLP_IMAGE_CACHE_DIR/last-build.log``."""
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     env = {k: v for k, v in os.environ.items() if k not in ("REGISTRY", "TAG")}
     env["RLP_IMAGE_BUILDER"] = "podman"
-    subprocess.run([str(BUILD_SCRIPT)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr, check=True)
+    log_path = _cache_dir() / "last-build.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        rc = subprocess.run([str(BUILD_SCRIPT)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise ImageBuildError(f"scripts/build-images.sh failed ({rc}); {log_path} ends with:\n{tail}")
     return ContainerImages(operator=f"localhost/rlp-operator:{version}", job=f"localhost/rlp-job:{version}",
                            podman=Podman())  # fmt: skip
