@@ -246,6 +246,15 @@ EOF
 }
 
 # -- build -----------------------------------------------------------------------------------------
+# With podman and buildah the layer cache is kept in untagged images: the build stage is tagged
+# (rlp-<target>-build-stage) so its cached layers stay reachable, and a replaced build's images are
+# removed rather than left dangling (a job image's layers are gigabytes).
+remove_replaced() {  # old-id name
+    if [[ -n "$1" && "$1" != "$(image_id "$2")" ]]; then
+        "$BUILDER" rmi "$1" >/dev/null 2>&1 || true  # unless something still uses it
+    fi
+}
+
 build() {  # target
     local target=$1 dockerfile image ids=() base
     dockerfile=$(dockerfile_of "$target")
@@ -261,17 +270,20 @@ build() {  # target
         return 0
     fi
     say "building $image from $dockerfile"
-    local t0=$SECONDS previous
-    previous=$(image_id "$image")
-    case "$BUILDER" in
-        docker) docker build --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . ;;
-        podman) podman build "${BUILD_FLAGS[@]}" --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . ;;
-        buildah) buildah bud "${BUILD_FLAGS[@]}" --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . ;;
-    esac >&2
-    say "built $image in $((SECONDS - t0)) s"
-    if [[ -n "$previous" && "$previous" != "$(image_id "$image")" ]]; then
-        "$BUILDER" rmi "$previous" >/dev/null 2>&1 || true  # the replaced build, unless something uses it
+    local t0=$SECONDS
+    if [[ $BUILDER == docker ]]; then
+        docker build --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . >&2
+    else
+        local bud=(podman build) stage="rlp-$target-build-stage:$TAG" old_image old_stage
+        [[ $BUILDER == buildah ]] && bud=(buildah bud)
+        old_image=$(image_id "$image")
+        old_stage=$(image_id "$stage")
+        "${bud[@]}" "${BUILD_FLAGS[@]}" --target build -f "$dockerfile" -t "$stage" . >&2
+        "${bud[@]}" "${BUILD_FLAGS[@]}" --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . >&2
+        remove_replaced "$old_image" "$image"
+        remove_replaced "$old_stage" "$stage"
     fi
+    say "built $image in $((SECONDS - t0)) s"
 }
 
 for target in "${TARGETS[@]}"; do
