@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -73,21 +74,26 @@ def _kubeconfig_for_container(control_plane, path: Path) -> Path:
 
 
 def test_operator_image_starts_reports_ready_and_reconciles_a_run(
-    container_images, control_plane, kube_api, namespace, tmp_path
+    container_images, control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path
 ):
     from kubernetes import client
 
     install_crd(kube_api)
+    client.CoreV1Api(kube_api).create_namespaced_secret(namespace, {"metadata": {"name": "s3-creds"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})  # fmt: skip
     kube_dir = _kubeconfig_for_container(control_plane, tmp_path / "kube")
+    scratch = tmp_path / "tmp"  # the chart's Deployment mounts an emptyDir at /tmp, its HOME
+    scratch.mkdir(mode=0o777)
+    scratch.chmod(0o777)
     podman, port = container_images.podman, free_port()
     name = f"rlp-operator-test-{uuid.uuid4().hex[:8]}"
     podman.run("run", "--detach", "--name", name, "--network", "host", "--user", f"{IMAGE_UID}:{IMAGE_UID}",
                "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+               "--volume", f"{scratch}:/tmp", "--env", "HOME=/tmp",
                "--volume", f"{kube_dir}:/etc/rlp-test:ro", "--env", "KUBECONFIG=/etc/rlp-test/kubeconfig",
                container_images.operator, "--standalone", "--namespace", namespace, "--bind", "127.0.0.1",
                "--metrics-port", str(port), "--health-port", "0", check=True)  # fmt: skip
     try:
-        import urllib.request
 
         def ready() -> bool:
             try:
@@ -97,7 +103,8 @@ def test_operator_image_starts_reports_ready_and_reconciles_a_run(
                 return False
 
         wait_until(ready, 120, "the operator container to report ready")
-        spec = {"storage": {"uri": "s3://bucket/runs", "endpoint": "http://127.0.0.1:1"},
+        spec = {"storage": {"uri": f"s3://{s3_bucket}/runs", "endpoint": s3_server.endpoint_url,
+                            "secretRef": {"name": "s3-creds"}},
                 "resources": {"gpusPerPod": 0, "cpu": "1", "memory": "1Gi"}}  # fmt: skip
         client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
             "rlp.dev", "v1alpha1", namespace, "rlpruns", rlprun("in-a-container", spec))
@@ -105,10 +112,11 @@ def test_operator_image_starts_reports_ready_and_reconciles_a_run(
         jobs = wait_until(lambda: batch.list_namespaced_job(namespace).items, 120, "the run's first phase Job")
         assert jobs[0].metadata.labels["rlp.dev/phase"] == "sft"
         assert jobs[0].spec.template.spec.containers[0].command[:2] == ["rlp", "phase"]
+    except AssertionError as err:
+        logs = podman.run("logs", name)
+        raise AssertionError(f"{err}\noperator container log:\n{(logs.stdout + logs.stderr)[-4000:]}") from None
     finally:
-        logs = podman.run("logs", name).stdout
         podman.run("rm", "--force", "--time", "5", name)
-    assert '"level"' in logs or "reconcil" in logs.lower(), logs[-2000:]
 
 
 @pytest.fixture(scope="module")
