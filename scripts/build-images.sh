@@ -32,7 +32,9 @@
 # ghcr.io/astral-sh/uv is uv's binaries from its PyPI wheel. Each carries the label dev.rlp.stand-in.
 #
 # A built image carries the label dev.rlp.inputs, a hash of its Dockerfile, its build context (what
-# .dockerignore leaves) and its base images; the next run skips an image whose hash is unchanged.
+# .dockerignore leaves) and its base images; the next run skips an image whose hash is unchanged. With
+# podman/buildah the build stage is tagged rlp-<image>-build-stage:<tag> to keep its layer cache, and a
+# replaced build's images are removed.
 # The last lines printed are the images and their sizes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -224,12 +226,9 @@ dockerfile, *bases = sys.argv[1:]
 patterns = [p.strip().rstrip("/") for p in Path(".dockerignore").read_text().splitlines()
             if p.strip() and not p.startswith("#")]
 
-def ignored(rel: str) -> bool:
-    for pattern in patterns:
-        core = pattern[3:] if pattern.startswith("**/") else pattern
-        if fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], core):
-            return True
-    return False
+def ignored(rel: str) -> bool:  # the .dockerignore forms used here: root-relative paths and **/NAME
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(name, p[3:]) if p.startswith("**/") else fnmatch.fnmatch(rel, p) for p in patterns)
 
 digest = hashlib.sha256(Path(dockerfile).read_bytes())
 for base in bases:
