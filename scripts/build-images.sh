@@ -178,20 +178,13 @@ make_stand_in() {  # base image name
             ;;
         ghcr.io/astral-sh/uv:*)
             local version=${name##*:}
-            python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$work" "uv==$version"
+            if command -v uv >/dev/null 2>&1; then
+                uv pip install --quiet --no-deps --target "$work/wheel" "uv==$version"
+            else
+                python3 -m pip install --quiet --no-deps --target "$work/wheel" "uv==$version"
+            fi
             mkdir "$work/rootfs"
-            python3 - "$work" <<'EOF'
-import os, sys, zipfile
-from pathlib import Path
-
-work = Path(sys.argv[1])
-with zipfile.ZipFile(next(work.glob("uv-*.whl"))) as wheel:
-    for member in wheel.namelist():
-        if "/scripts/" in member and Path(member).name in ("uv", "uvx"):
-            target = work / "rootfs" / Path(member).name
-            target.write_bytes(wheel.read(member))
-            os.chmod(target, 0o755)
-EOF
+            cp "$work/wheel/bin/uv" "$work/wheel/bin/uvx" "$work/rootfs/"
             tar -C "$work/rootfs" -cf "$work/rootfs.tar" uv uvx
             import_rootfs "$work/rootfs.tar" "$name" "uv and uvx from the uv $version wheel on PyPI (stands in for $name)"
             ;;
