@@ -10,11 +10,14 @@ import json
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlp_core.tasks import builtin_records
+
+if TYPE_CHECKING:
+    from rlp_core.spec import RLPRunSpec
 
 
 class Record(BaseModel):
@@ -35,6 +38,7 @@ class PreferencePair(Record):
     prompt: str = Field(..., min_length=1)
     chosen: str
     rejected: str
+    weight: float = Field(1.0, gt=0, description="Weight of the pair in the reward model's loss.")
 
 
 class Sample(Record):
@@ -94,6 +98,18 @@ def load_records(uri: str, record: type[R], read_bytes: Callable[[str], bytes] |
         except OSError as err:
             raise DataError(f"{uri}: cannot read ({err.strerror})") from None
     return parse_records(text.splitlines(), record, uri)
+
+
+def spec_sources(spec: RLPRunSpec) -> list[tuple[str, str, type[Record]]]:
+    """(YAML path, URI, record type) of every data file the run's plan reads."""
+    sources: list[tuple[str, str, type[Record]]] = [
+        ("spec.prompts", spec.prompts, Prompt),
+        ("spec.evaluation.prompts", spec.evaluation.prompts, Prompt),
+    ]
+    if spec.policy.model is None:  # the sft phase runs
+        sources.append(("spec.policy.sft.demonstrations", spec.policy.sft.demonstrations, Demonstration))
+    sources.append(("spec.rewardModel.humanPreferences", spec.reward_model.human_preferences, PreferencePair))
+    return sources
 
 
 def write_records(path: Path, records: Iterable[Record]) -> int:

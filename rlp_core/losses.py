@@ -31,9 +31,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return white * mask.to(x.dtype)
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """−log σ(r_w − r_l), averaged over pairs."""
-    return -F.logsigmoid(chosen - rejected).mean()
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """−log σ(r_w − r_l), averaged over pairs (weighted: Σ w·ℓ / Σ w)."""
+    losses = -F.logsigmoid(chosen - rejected)
+    if weight is None:
+        return losses.mean()
+    return (weight * losses).sum() / weight.sum()
 
 
 def gae(

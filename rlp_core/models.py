@@ -15,9 +15,11 @@ the same ones `generate()` uses: left padding then changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import logging as transformers_logging
 from transformers import (
@@ -139,19 +141,53 @@ def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     return out.logits.squeeze(-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(token) under `logits / temperature`; logits[:, t] predicts tokens[:, t]."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+def suppressed_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Special tokens a response may not contain: every special token except EOS.
+
+    Decoding drops special tokens, so a `<pad>` or `<unk>` sampled inside a response would make the
+    gold judge and RLP-SPG read another text than the RM scores. The policy π is therefore the model's
+    distribution renormalised over the other tokens, in sampling and in every log-prob alike.
+    """
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
+
+
+def masked_logits(logits: torch.Tensor, suppress: Sequence[int] = ()) -> torch.Tensor:
+    """Logits with the suppressed token ids set to −inf (a copy; `logits` is left unchanged)."""
+    if not suppress:
+        return logits
+    logits = logits.clone()
+    logits[..., list(suppress)] = float("-inf")
+    return logits
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, suppress: Sequence[int] = ()
+) -> torch.Tensor:
+    """log π(token) under `logits / temperature` over the non-suppressed vocabulary; logits[:, t] predicts
+    tokens[:, t]. A suppressed token (only ever padding here) gets −inf, which callers mask out."""
+    logp = torch.log_softmax(masked_logits(logits.float(), suppress) / temperature, dim=-1)
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def response_logprobs(
-    model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float
+    model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float,
+    suppress: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, logits) of the response tokens sequences[:, prompt_len:] under `model`."""
+    """(log-probs, logits) of the response tokens sequences[:, prompt_len:] under `model`; the logits have
+    the suppressed ids at −inf, and log-probs of suppressed tokens (padding) are set to 0."""
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    logits = out.logits[:, prompt_len - 1 : -1]
-    return token_logprobs(logits, sequences[:, prompt_len:], temperature), logits
+    logits = masked_logits(out.logits[:, prompt_len - 1 : -1], suppress)
+    logprobs = token_logprobs(logits, sequences[:, prompt_len:], temperature)
+    return logprobs.masked_fill(torch.isinf(logprobs), 0.0), logits
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """p=0 in every dropout layer (as TRL does for all four PPO models): rollout values and log-probs come
+    from eval mode, so training with dropout on would make the update see other functions than the rollout."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 def default_device() -> torch.device:

@@ -17,149 +17,39 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlp_core import ser, spg, uml
 from rlp_core.apa import APATrainer
+from rlp_core.context import (
+    HISTORY_FILE, POLICY_DIR, RM_DIR, SAMPLES_FILE, PhaseContext, PhaseError, StepCallback, read_uri,
+    train_reward_model,
+)
 from rlp_core.data import (
-    DataError, Demonstration, PreferencePair, Prompt, Record, Sample, load_records, split_held_out, write_records,
+    DataError, Demonstration, Prompt, Sample, load_records, spec_sources, write_records,
 )
 from rlp_core.evaluate import win_rate
-from rlp_core.manifest import (
-    Manifest, code_version, fetch_phase_output, phase_prefix, publish_phase_output, utc_now, verify_manifest,
-)
+from rlp_core.manifest import Manifest, code_version, phase_prefix, publish_phase_output, utc_now, verify_manifest
 from rlp_core.models import (
-    build_tiny_policy, default_device, load_policy, load_reward_model, load_tokenizer, load_value_model,
-    reward_scores, save_model, train_tokenizer,
+    build_tiny_policy, load_policy, load_reward_model, load_tokenizer, load_value_model, reward_scores, save_model,
+    train_tokenizer,
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.sampling import decode_responses, sample_responses
-from rlp_core.spec import RLPRun, Storage
+from rlp_core.spec import RLPRun
 from rlp_core.store import Store
-from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss, sft_loss
+from rlp_core.supervised import fit, minibatches, sft_loss
 from rlp_core.tasks import gold_judge
 from rlp_core.telemetry import PhaseTelemetry
 
-POLICY_DIR, RM_DIR, SAMPLES_FILE, HISTORY_FILE = "policy", "reward_model", "samples.jsonl", "history.jsonl"
-POLICY_PRODUCERS = ("optimize", "sft")
-RM_PRODUCERS = ("synthesize", "refine", "reward")
-
-
-def store_for_uri(storage: Storage, uri: str) -> Store:
-    """A store rooted at a user-given URI, with the run's endpoint and region."""
-    return Store.from_uri(uri, endpoint=storage.endpoint, region=storage.region)
-
-
-def read_uri(storage: Storage, uri: str) -> bytes:
-    """The bytes of one object named by a full URI (a data file given in the spec)."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return store_for_uri(storage, parent).get_bytes(name)
-
-
-class PhaseError(RuntimeError):
-    """A phase cannot run (missing input, bad data); the message says what to fix."""
-
-
-@dataclass
-class PhaseContext:
-    run: RLPRun
-    round: int
-    phase: str
-    root: Store
-    cache_dir: Path
-    out_dir: Path
-    telemetry: PhaseTelemetry
-    device: torch.device = field(default_factory=default_device)
-
-    @property
-    def spec(self):
-        return self.run.spec
-
-    @property
-    def max_length(self) -> int:
-        return self.spec.policy.sft.tiny.max_positions
-
-    def store_of(self, round: int, phase: str) -> Store:
-        return self.root.child(phase_prefix(self.run.metadata.namespace, self.run.metadata.name, round, phase))
-
-    def fetch(self, round: int, phase: str) -> Path:
-        """Local, verified copy of a complete phase output (downloaded once per cache)."""
-        local = self.cache_dir / self.run.metadata.namespace / self.run.metadata.name / f"round-{round}" / phase
-        marker = local / ".complete"
-        if not marker.exists():
-            if local.exists():
-                shutil.rmtree(local)
-            fetch_phase_output(self.store_of(round, phase), local)
-            marker.touch()
-        return local
-
-    def fetch_uri(self, uri: str) -> Path:
-        """A user-given model directory: a local path as is, a store URI downloaded into the cache."""
-        if "://" not in uri or uri.startswith("file://"):
-            path = Path(uri.removeprefix("file://"))
-            if not (path / "config.json").exists():
-                raise PhaseError(f"{uri}: not a model directory (no config.json); give a save_pretrained directory")
-            return path
-        store = self.store_for_uri(uri)
-        local = self.cache_dir / "models" / uri.replace("://", "/").strip("/")
-        if not (local / ".complete").exists():
-            store.download_dir("", local, store.list())
-            (local / ".complete").touch()
-        return local
-
-    def store_for_uri(self, uri: str) -> Store:
-        return store_for_uri(self.spec.storage, uri)
-
-    def records(self, uri: str, record: type[Record]) -> list:
-        try:
-            return load_records(uri, record, lambda u: read_uri(self.spec.storage, u))
-        except DataError as err:
-            raise PhaseError(str(err)) from None
-
-    # --- which model a phase starts from ----------------------------------------------------------
-    def _latest(self, producers: tuple[str, ...]) -> tuple[int, str] | None:
-        plan = self.spec.phase_plan()
-        here = plan.index((self.round, self.phase))
-        for round, phase in reversed(plan[:here]):
-            if phase in producers and self.spec.phase_enabled(phase):
-                return round, phase
-        return None
-
-    def start_policy_dir(self) -> Path:
-        if self.spec.policy.model is not None:
-            return self.fetch_uri(self.spec.policy.model)
-        return self.fetch(0, "sft") / POLICY_DIR
-
-    def policy_dir(self) -> Path:
-        latest = self._latest(POLICY_PRODUCERS)
-        return self.start_policy_dir() if latest is None else self.fetch(*latest) / POLICY_DIR
-
-    def reward_model_dir(self) -> Path:
-        latest = self._latest(RM_PRODUCERS)
-        if latest is None:
-            if self.spec.reward_model.model is None:
-                raise PhaseError("no reward model: set spec.rewardModel.model or let the reward phase run")
-            return self.fetch_uri(self.spec.reward_model.model)
-        return self.fetch(*latest) / RM_DIR
-
-    def samples(self) -> list[Sample]:
-        return load_records(str(self.fetch(self.round, "generate") / SAMPLES_FILE), Sample)
-
-    def human_pairs(self) -> tuple[list[PreferencePair], list[PreferencePair]]:
-        """(train, held-out) human preference pairs; the split is fixed by the spec's seed."""
-        pairs = self.records(self.spec.reward_model.human_preferences, PreferencePair)
-        return split_held_out(pairs, self.spec.reward_model.held_out_fraction, self.spec.seed)
-
-    def gold(self) -> Callable[[str, str], float] | None:
-        judge = self.spec.evaluation.judge
-        return gold_judge(judge) if judge.startswith("builtin://") else None
+__all__ = ["HISTORY_FILE", "POLICY_DIR", "RM_DIR", "SAMPLES_FILE", "PhaseContext", "PhaseError", "execute_phase"]
 
 
 # --- phases --------------------------------------------------------------------------------------------
@@ -175,23 +65,6 @@ def run_sft(ctx: PhaseContext) -> dict[str, Any]:
     save_model(model, tokenizer, ctx.out_dir / POLICY_DIR)
     return {"demonstrations": len(demos), "steps": len(history), "final_sft_loss": history[-1]["sft_loss"],
             "vocab_size": len(tokenizer)}
-
-
-def train_reward_model(
-    ctx: PhaseContext, init_dir: Path, pairs: list[PreferencePair], training, description: str,
-) -> tuple[Any, Any, dict[str, float]]:
-    """Continue training the RM at `init_dir` on `pairs`; report held-out human accuracy before/after."""
-    tokenizer = load_tokenizer(init_dir)
-    model = load_reward_model(init_dir).to(ctx.device)
-    _, held_out = ctx.human_pairs()
-    before = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
-    batches = minibatches(pairs, training.batch_size, training.epochs, ctx.spec.seed + ctx.round)
-    history = fit(list(model.parameters()), batches, reward_loss(model, tokenizer, ctx.max_length), training,
-                  ctx.telemetry, description)
-    after = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
-    ctx.telemetry.set_accuracy("held_out", after)
-    return model, tokenizer, {"pairs": len(pairs), "steps": len(history), "final_reward_loss": history[-1]["reward_loss"],
-                              "rm_accuracy_held_out_before": before, "rm_accuracy_held_out": after}
 
 
 def run_reward(ctx: PhaseContext) -> dict[str, Any]:
@@ -232,19 +105,9 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
     return metrics
 
 
-def run_refine(ctx: PhaseContext) -> dict[str, Any]:
-    from rlp_core import uml
-
-    return uml.run_refine(ctx)
-
-
 def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     if ctx.spec.reward_learning.strategy == "ser":
-        from rlp_core import ser
-
         return ser.run_ser(ctx)
-    from rlp_core import spg
-
     return spg.run_synthesize(ctx)
 
 
@@ -276,22 +139,42 @@ def rm_score_fn(model, device: torch.device):
     return score
 
 
+def judge_score_fn(gold: Callable[[str, str], float]):
+    def score(prompts, responses, rollout) -> torch.Tensor:
+        return torch.tensor([gold(p, r) for p, r in zip(prompts, responses)])
+
+    return score
+
+
 TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}
 
 
 def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     opt = ctx.spec.optimization
-    policy_dir, start_dir, rm_dir = ctx.policy_dir(), ctx.start_policy_dir(), ctx.reward_model_dir()
+    policy_dir, start_dir = ctx.policy_dir(), ctx.start_policy_dir()
     tokenizer = load_tokenizer(policy_dir)
-    reward_model = load_reward_model(rm_dir).to(ctx.device).eval().requires_grad_(False)
+    gold = ctx.gold()
+    if opt.reward == "judge":
+        if gold is None:
+            raise PhaseError("spec.optimization.reward: judge needs a programmatic spec.evaluation.judge "
+                             "(builtin://<task>); use reward-model otherwise")
+        rm_dir = None
+        score_fn = judge_score_fn(gold)
+    else:
+        rm_dir = ctx.reward_model_dir()
+        reward_model = load_reward_model(rm_dir).to(ctx.device).eval().requires_grad_(False)
+        score_fn = rm_score_fn(reward_model, ctx.device)
+    value_dir = policy_dir if opt.value_init == "policy" or rm_dir is None else rm_dir
     prompts = [p.prompt for p in ctx.records(ctx.spec.prompts, Prompt)]
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
     checkpointer = StoreCheckpointer(ctx.store_of(ctx.round, ctx.phase))
     trainer = TRAINERS[opt.algorithm](
         config=opt, policy=load_policy(policy_dir).to(ctx.device), reference=load_policy(start_dir).to(ctx.device),
-        value_model=load_value_model(rm_dir).to(ctx.device), tokenizer=tokenizer,
-        score_fn=rm_score_fn(reward_model, ctx.device), prompts=prompts, seed=ctx.spec.seed + ctx.round,
+        value_model=load_value_model(value_dir).to(ctx.device), tokenizer=tokenizer,
+        score_fn=score_fn, prompts=prompts, seed=ctx.spec.seed + ctx.round,
         telemetry=ctx.telemetry, checkpointer=checkpointer,
+        gold_fn=None if gold is None else (lambda ps, rs: [gold(p, r) for p, r in zip(ps, rs)]),
+        step_callback=ctx.step_callback,
     )
     resumed_from = trainer.start_step
     history = trainer.train()
@@ -299,10 +182,14 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     with (ctx.out_dir / HISTORY_FILE).open("w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
     last = history[-min(5, len(history)):]
-    return {"algorithm": opt.algorithm, "steps": len(history), "resumed_from_step": resumed_from,
-            "reward_mean_first": history[0]["reward_mean"], "kl_first": history[0]["kl"],
-            "reward_mean_last": sum(h["reward_mean"] for h in last) / len(last),
-            "kl_last": sum(h["kl"] for h in last) / len(last)}
+    metrics = {"algorithm": opt.algorithm, "reward": opt.reward, "value_init": opt.value_init, "steps": len(history),
+               "resumed_from_step": resumed_from, "reward_mean_first": history[0]["reward_mean"],
+               "kl_first": history[0]["kl"], "reward_mean_last": sum(h["reward_mean"] for h in last) / len(last),
+               "kl_last": sum(h["kl"] for h in last) / len(last)}
+    if gold is not None:
+        metrics |= {"gold_mean_first": history[0]["gold_mean"],
+                    "gold_mean_last": sum(h["gold_mean"] for h in last) / len(last)}
+    return metrics
 
 
 def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
@@ -349,12 +236,8 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
 
 def validate_inputs(run: RLPRun) -> None:
     """Load every data file the plan reads, so a bad line fails before any training (DataError)."""
-    spec, phases = run.spec, {phase for _, phase in run.spec.phase_plan()}
-    sources: list[tuple[str, type[Record]]] = [(spec.prompts, Prompt), (spec.evaluation.prompts, Prompt)]
-    if "sft" in phases:
-        sources.append((spec.policy.sft.demonstrations, Demonstration))
-    sources.append((spec.reward_model.human_preferences, PreferencePair))
-    for uri, record in sources:
+    spec = run.spec
+    for _, uri, record in spec_sources(spec):
         load_records(uri, record, lambda u: read_uri(spec.storage, u))
     if spec.evaluation.judge.startswith("builtin://"):
         try:
@@ -364,7 +247,7 @@ def validate_inputs(run: RLPRun) -> None:
 
 
 PHASES: dict[str, Callable[[PhaseContext], dict[str, Any]]] = {
-    "sft": run_sft, "reward": run_reward, "generate": run_generate, "refine": run_refine,
+    "sft": run_sft, "reward": run_reward, "generate": run_generate, "refine": uml.run_refine,
     "synthesize": run_synthesize, "optimize": run_optimize, "evaluate": run_evaluate,
 }
 
@@ -379,7 +262,7 @@ class PhaseResult:
 
 
 def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir: Path,
-                  telemetry: PhaseTelemetry | None = None) -> PhaseResult:
+                  telemetry: PhaseTelemetry | None = None, step_callback: StepCallback | None = None) -> PhaseResult:
     """Run one phase unless its manifest already verifies; publish outputs, manifest last."""
     if (round, phase) not in run.spec.phase_plan():
         raise PhaseError(f"phase {phase!r} is not in round {round} of this run's plan {run.spec.phase_plan()}")
@@ -393,7 +276,7 @@ def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir
     with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-") as tmp:
         out_dir = Path(tmp)
         if run.spec.phase_enabled(phase):
-            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry)
+            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback)
             metrics, state = PHASES[phase](ctx), "Succeeded"
         else:
             metrics, state = {"skipped": True, "reason": f"strategy {run.spec.reward_learning.strategy}"}, "Skipped"

@@ -7,8 +7,11 @@ passes of minibatch updates of the clipped policy loss plus the clipped value lo
 early when the approximate KL to the rollout policy exceeds `max_approx_kl`. β is fixed, or adapted
 towards `target_kl` (Ziegler et al. 2019). APA (rlp_core.apa) reuses this loop with another policy loss.
 
-Training runs in plain torch, or under DeepSpeed ZeRO when enabled (auto: CUDA present or several
-processes), where policy and value are one engine so a single `backward`/`step` updates both.
+Policy and critic each have their own optimiser (and DeepSpeed engine) and their gradients are
+clipped separately, as OpenRLHF does: clipped together, the critic's larger gradient norm shrinks the
+policy's steps several-fold. Dropout is off in all four models (as in TRL): the rollout's log-probs and
+values come from eval mode, so the update must see the same functions. Training runs in plain torch, or
+under DeepSpeed ZeRO when enabled (auto: CUDA present or several processes).
 State is checkpointed every `checkpoint_every` iterations through a `Checkpointer`, and a restarted
 phase resumes from the latest one.
 """
@@ -29,13 +32,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, get_scheduler
 
 from rlp_core import losses
-from rlp_core.models import position_ids, response_logprobs
+from rlp_core.models import disable_dropout, position_ids, response_logprobs, suppressed_token_ids
 from rlp_core.sampling import Rollout, decode_responses, sample_responses
 from rlp_core.spec import Optimization
 from rlp_core.telemetry import PhaseTelemetry
 
 # (prompts, responses, rollout) -> scores (B,)
 ScoreFn = Callable[[list[str], list[str], Rollout], torch.Tensor]
+# (prompts, responses) -> gold scores: recorded beside the proxy reward when the run has a gold judge
+GoldFn = Callable[[list[str], list[str]], list[float]]
 
 
 class Checkpointer(Protocol):
@@ -83,12 +88,38 @@ def value_forward(value_model: nn.Module, sequences: torch.Tensor, attention_mas
 
 
 class _PolicyAndValue(nn.Module):
-    """Policy and critic in one module, so one optimiser / DeepSpeed engine trains both."""
+    """Policy and critic in one module: the unit checkpoints save and restore."""
 
     def __init__(self, policy: PreTrainedModel, value: PreTrainedModel):
         super().__init__()
         self.policy = policy
         self.value = value
+
+
+@dataclass
+class OptimisedModel:
+    """One trained model with its own optimiser, scheduler, gradient clipping and (optional) DeepSpeed engine."""
+
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    engine: Any | None
+    max_grad_norm: float
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, clip, step; returns the gradient norm before clipping (nan under DeepSpeed)."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else math.nan
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
 
 
 def deepspeed_wanted(setting: str) -> bool:
@@ -121,10 +152,15 @@ class PPOTrainer:
     seed: int = 0
     telemetry: PhaseTelemetry | None = None
     checkpointer: Checkpointer | None = None
+    gold_fn: GoldFn | None = None
+    step_callback: Callable[[PPOTrainer, dict[str, float]], None] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for model in (self.policy, self.reference, self.value_model):
+            disable_dropout(model)
         self.reference.eval().requires_grad_(False)
+        self.suppress = suppressed_token_ids(self.tokenizer)
         self.kl_ctl = AdaptiveKL(self.config.kl_coef, self.config.target_kl)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -144,36 +180,44 @@ class PPOTrainer:
     def _build_optimizer(self) -> None:
         cfg = self.config
         self.module = _PolicyAndValue(self.policy, self.value_model)
-        groups = [
-            {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": cfg.learning_rate},
-            {"params": [p for p in self.value_model.parameters() if p.requires_grad],
-             "lr": cfg.value_learning_rate or cfg.learning_rate},
-        ]
         updates_per_step = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size)
-        optimizer = torch.optim.AdamW(groups, eps=1e-5)
-        scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps * updates_per_step)
-        self.engine = None
-        if deepspeed_wanted(cfg.deepspeed.enabled):
-            import deepspeed
-
+        use_deepspeed = deepspeed_wanted(cfg.deepspeed.enabled)
+        if use_deepspeed:
             _single_process_rendezvous()
+        self.trained = {
+            "policy": self._optimised(self.policy, cfg.learning_rate, updates_per_step, use_deepspeed),
+            "value": self._optimised(self.value_model, cfg.value_learning_rate or cfg.learning_rate, updates_per_step,
+                                     use_deepspeed),
+        }
 
-            bf16 = cfg.deepspeed.bf16 == "true" or (
-                cfg.deepspeed.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            )
-            ds_config = {
-                "train_micro_batch_size_per_gpu": cfg.mini_batch_size,
-                "gradient_accumulation_steps": 1,
-                "gradient_clipping": cfg.max_grad_norm,
-                "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-                "bf16": {"enabled": bf16},
-                "steps_per_print": 10**9,
-            }
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-            )
-        else:
-            self.optimizer, self.scheduler = optimizer, scheduler
+    def _optimised(self, model: nn.Module, lr: float, updates_per_step: int, use_deepspeed: bool) -> OptimisedModel:
+        cfg = self.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5)
+        scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps * updates_per_step)
+        if not use_deepspeed:
+            return OptimisedModel(model, optimizer, scheduler, None, cfg.max_grad_norm)
+        import deepspeed
+
+        bf16 = cfg.deepspeed.bf16 == "true" or (
+            cfg.deepspeed.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        )
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.mini_batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+        }
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        return OptimisedModel(model, optimizer, scheduler, engine, cfg.max_grad_norm)
+
+    @property
+    def engine(self) -> Any | None:
+        return self.trained["policy"].engine
 
     def _state(self, step: int) -> dict[str, Any]:
         state = {
@@ -184,14 +228,16 @@ class PPOTrainer:
             "rng": {"python": self._rng.getstate(), "torch": torch.get_rng_state()},
         }
         if self.engine is None:  # ZeRO partitions optimizer state per rank: resume restarts Adam's moments
-            state |= {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            state |= {"optimizer": {k: t.optimizer.state_dict() for k, t in self.trained.items()},
+                      "scheduler": {k: t.scheduler.state_dict() for k, t in self.trained.items()}}
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         if "optimizer" in state and self.engine is None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            for name, trained in self.trained.items():
+                trained.optimizer.load_state_dict(state["optimizer"][name])
+                trained.scheduler.load_state_dict(state["scheduler"][name])
         self.kl_ctl.value = state["kl_coef"]
         self.history = list(state["history"])
         self._rng.setstate(state["rng"]["python"])
@@ -212,7 +258,7 @@ class PPOTrainer:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         mask = rollout.response_mask
         ref_logprobs, _ = response_logprobs(self.reference, rollout.sequences, rollout.attention_mask,
-                                            rollout.prompt_len, cfg.temperature)
+                                            rollout.prompt_len, cfg.temperature, self.suppress)
         ref_logprobs = ref_logprobs * mask
         self.value_model.eval()
         values = value_forward(self.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
@@ -232,32 +278,25 @@ class PPOTrainer:
             "eos_fraction": rollout.finished.float().mean().item(),
             "kl_coef": self.kl_ctl.value,
         }
+        if self.gold_fn is not None:
+            gold = self.gold_fn(prompts, responses)
+            stats["gold_mean"] = sum(gold) / len(gold)
         return exp, stats
 
     # --- update -------------------------------------------------------------------------------------
-    def _minibatch_loss(self, batch: Experience) -> tuple[torch.Tensor, dict[str, float]]:
+    def _minibatch_losses(self, batch: Experience) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(policy loss, value_coef × value loss, stats) of one minibatch."""
         cfg = self.config
-        logprobs, logits = response_logprobs(self.module.policy, batch.sequences, batch.attention_mask,
-                                             batch.prompt_len, cfg.temperature)
+        logprobs, logits = response_logprobs(self.policy, batch.sequences, batch.attention_mask,
+                                             batch.prompt_len, cfg.temperature, self.suppress)
         pg_loss, pg_stats = self.policy_loss(logprobs, batch)
-        values = value_forward(self.module.value, batch.sequences, batch.attention_mask, batch.prompt_len)
+        values = value_forward(self.value_model, batch.sequences, batch.attention_mask, batch.prompt_len)
         v_loss, v_stats = losses.value_loss(values, batch.values, batch.returns, batch.mask, cfg.value_clip)
         with torch.no_grad():
             entropy = losses.masked_mean(losses.entropy_from_logits(logits), batch.mask)
         stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item(),
                  **{k: float(v) for k, v in {**pg_stats, **v_stats}.items()}}
-        return pg_loss + cfg.value_coef * v_loss, stats
-
-    def _optimise(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:
-            self.engine.backward(loss)
-            self.engine.step()
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        return pg_loss, cfg.value_coef * v_loss, stats
 
     def update(self, exp: Experience) -> dict[str, float]:
         cfg = self.config
@@ -268,8 +307,9 @@ class PPOTrainer:
             order = torch.randperm(n, device=exp.sequences.device)
             epoch_stats = []
             for start in range(0, n, per_rank_mb):
-                loss, stats = self._minibatch_loss(exp.select(order[start : start + per_rank_mb]))
-                self._optimise(loss)
+                pg_loss, v_loss, stats = self._minibatch_losses(exp.select(order[start : start + per_rank_mb]))
+                stats["policy_grad_norm"] = self.trained["policy"].step(pg_loss)
+                stats["value_grad_norm"] = self.trained["value"].step(v_loss)
                 epoch_stats.append(stats)
             collected += epoch_stats
             approx_kl = sum(s["approx_kl"] for s in epoch_stats) / len(epoch_stats)
@@ -298,6 +338,8 @@ class PPOTrainer:
                      "tokens_per_second": tokens / max(1e-9, time.perf_counter() - t0)}
             self.history.append(stats)
             bar.set_postfix(reward=f"{roll_stats['reward_mean']:.3f}", kl=f"{roll_stats['kl']:.3f}")
+            if self.step_callback is not None:
+                self.step_callback(self, stats)
             if self.telemetry is not None:
                 self.telemetry.step(tokens=tokens, reward_mean=roll_stats["reward_mean"], kl=roll_stats["kl"],
                                     policy_loss=upd_stats["policy_loss"], value_loss=upd_stats["value_loss"])

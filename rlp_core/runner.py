@@ -87,16 +87,24 @@ def _plot_curves(run: RLPRun, root: Store, results: list[PhaseResult], cache_dir
             histories.append((r.round, rows))
     if not histories:
         return None
-    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.5))
+    has_gold = all("gold_mean" in rows[0] for _, rows in histories)
+    fig, axes = plt.subplots(1, 3 if has_gold else 2, figsize=(15 if has_gold else 10, 3.5))
+    ax_r, ax_kl = axes[0], axes[-1]
     offset = 0
     for round, rows in histories:
         steps = [offset + h["step"] for h in rows]
         ax_r.plot(steps, [h["reward_mean"] for h in rows], label=f"round {round}")
+        if has_gold:
+            axes[1].plot(steps, [h["gold_mean"] for h in rows], label=f"round {round}")
         ax_kl.plot(steps, [h["kl"] for h in rows], label=f"round {round}")
         offset = steps[-1]
-    ax_r.set(title="reward-model score (mean)", xlabel="optimisation step")
+    reward = run.spec.optimization.reward
+    ax_r.set(title="proxy reward (reward-model score)" if reward == "reward-model" else "reward (the judge)",
+             xlabel="optimisation step")
+    if has_gold:
+        axes[1].set(title=f"gold score ({run.spec.evaluation.judge}) of the same rollouts", xlabel="optimisation step")
     ax_kl.set(title="KL to the reference policy", xlabel="optimisation step")
-    for ax in (ax_r, ax_kl):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{run.metadata.name}: {run.spec.optimization.algorithm.upper()}")
@@ -111,7 +119,7 @@ def _print_summary(console: Console, report: RunReport) -> None:
     for col in ("round", "phase", "state", "seconds", "key metrics"):
         table.add_column(col)
     keys = ("final_sft_loss", "rm_accuracy_held_out", "samples", "gold_score_mean", "synthetic_pairs",
-            "reward_mean_last", "kl_last", "win_rate")
+            "reward_mean_last", "gold_mean_last", "kl_last", "win_rate", "policy_score_mean", "baseline_score_mean")
     for r in report.results:
         m = r.manifest.metrics if r.manifest else {}
         shown = ", ".join(f"{k}={m[k]:.3g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)

@@ -2,8 +2,12 @@
 
 `sample_responses` is shared by the generate phase, PPO/APA rollouts and evaluation, so all three see
 the same tokens, masks and log-probs. The log-probs are of the sampling distribution (logits divided
-by the temperature), recomputed with a forward pass over the full sequences rather than taken from
-`generate()`'s processed scores, which top-p would distort.
+by the temperature, special tokens other than EOS suppressed), recomputed with a forward pass over the
+full sequences rather than taken from `generate()`'s processed scores, which top-p would distort.
+
+Sampling must draw from exactly the π whose log-probs enter PPO's ratio and KL: top-k is switched off
+with `top_k=0` (transformers ≥5 applies its default of 50 when it is None), and the suppressed tokens
+are masked the same way in `generate()` (suppress_tokens) and in the recomputed log-probs.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from rlp_core.models import encode_prompts, response_logprobs
+from rlp_core.models import encode_prompts, response_logprobs, suppressed_token_ids
 
 
 @dataclass
@@ -39,6 +43,18 @@ def response_mask_from(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tens
     return (~after_eos).long(), is_eos.any(1)
 
 
+def generation_config(
+    tokenizer: PreTrainedTokenizerFast, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+    do_sample: bool = True,
+) -> GenerationConfig:
+    """The `generate()` settings of every sampler here: no top-k, special tokens other than EOS suppressed."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None, top_k=0, suppress_tokens=suppressed_token_ids(tokenizer) or None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+
+
 @torch.no_grad()
 def sample_responses(
     model: PreTrainedModel,
@@ -53,11 +69,8 @@ def sample_responses(
     enc = encode_prompts(tokenizer, prompts)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     prompt_len = enc["input_ids"].shape[1]
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
+    config = generation_config(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               do_sample=do_sample)
     was_training = model.training
     model.eval()
     sequences = model.generate(**enc, generation_config=config)
@@ -69,7 +82,8 @@ def sample_responses(
         sequences = torch.cat([sequences[:, :prompt_len], responses], dim=1)
     resp_mask, finished = response_mask_from(responses, tokenizer.eos_token_id)
     attention = torch.cat([enc["attention_mask"], resp_mask], dim=1)
-    logprobs, _ = response_logprobs(model, sequences, attention, prompt_len, temperature)
+    logprobs, _ = response_logprobs(model, sequences, attention, prompt_len, temperature,
+                                   suppressed_token_ids(tokenizer))
     model.train(was_training)
     return Rollout(sequences, attention, resp_mask, logprobs * resp_mask, finished, prompt_len)
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from rlp_core.context import RM_DIR, PhaseContext, train_reward_model
 from rlp_core.data import PreferencePair
 from rlp_core.models import load_reward_model, load_tokenizer, save_model
 from rlp_core.reward_learning import distinct_pairs, gold_accuracy, gold_agreement, histogram
@@ -90,9 +91,7 @@ def self_label(pair: tuple[str, str, str], p: float) -> PreferencePair:
     return PreferencePair(prompt=x, chosen=a if p >= 0.5 else b, rejected=b if p >= 0.5 else a)
 
 
-def run_ser(ctx) -> dict[str, Any]:
-    from rlp_core.pipeline import RM_DIR, train_reward_model
-
+def run_ser(ctx: PhaseContext) -> dict[str, Any]:
     cfg = ctx.spec.reward_learning.ser
     samples = ctx.samples()
     candidates = distinct_pairs(samples, cfg.max_pairs_per_prompt, ctx.spec.seed + ctx.round)

@@ -7,14 +7,24 @@ The CRD schema in `crds/` is generated from these models (`rlp crd`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
+import operator
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasGenerator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, StringConstraints,
+    ValidationError, model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import core_schema
 
 API_GROUP = "rlp.dev"
 API_VERSION = "v1alpha1"
@@ -22,6 +32,107 @@ KIND = "RLPRun"
 
 PHASES_PER_ROUND = ("generate", "refine", "synthesize", "optimize")
 PhaseName = Literal["sft", "reward", "generate", "refine", "synthesize", "optimize", "evaluate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Matches:
+    """A string rule with one message, enforced by pydantic here and by the apiserver through the CRD.
+
+    The JSON schema carries it as `x-rlp-match` (`x-rlp-cluster-match` for `on_cluster`, a rule only the
+    CRD enforces: what a job pod cannot read, such as local paths); `rlp_operator.crd` turns both into
+    CEL rules. Patterns are anchored and avoid backslashes and quotes, so the same text is a Python and
+    an RE2 (CEL) regular expression.
+    """
+
+    pattern: str
+    message: str
+    on_cluster: tuple[str, str] | None = None  # (pattern, message) the CRD adds; `rlp run` does not
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        out = handler(schema)
+        out["x-rlp-match"] = {"pattern": self.pattern, "message": self.message}
+        if self.on_cluster:
+            out["x-rlp-cluster-match"] = {"pattern": self.on_cluster[0], "message": self.on_cluster[1]}
+        return out
+
+    def _check(self, value: str) -> str:
+        if not re.fullmatch(self.pattern, value):
+            raise ValueError(self.message)
+        return value
+
+
+_BUCKET = "[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+_S3_OBJECT = f"s3://{_BUCKET}/[^/].*"
+_LOCAL = "file://.+|[^:]+"  # file://PATH or a plain path (no scheme)
+_S3_FORM = "s3://BUCKET/KEY, where BUCKET has 3-63 lowercase letters, digits, dots or hyphens"
+
+Quantity = Annotated[
+    str,
+    StringConstraints(max_length=64),
+    Matches(
+        "^[+]?([0-9]+([.][0-9]*)?|[.][0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$",
+        "must be a non-negative Kubernetes quantity such as 4, 500m, 16Gi or 1.5e9",
+    ),
+]
+Image = Annotated[
+    str,
+    StringConstraints(max_length=512),
+    Matches("^[!-~]+$", "must be a container image reference such as ghcr.io/org/image:tag (not empty, no spaces)"),
+]
+# A Kubernetes object name (DNS subdomain: Secrets, ServiceAccounts, PriorityClasses).
+ObjectName = Annotated[
+    str,
+    StringConstraints(max_length=253),
+    Matches("^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "must be a Kubernetes object name: lowercase letters, digits, '-' and '.'"),
+]
+LabelValue = Annotated[
+    str,
+    StringConstraints(max_length=63),
+    Matches("^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$", "must be a Kubernetes label value (at most 63 "
+            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"),
+]
+EndpointURL = Annotated[
+    str,
+    StringConstraints(max_length=2048),
+    Matches(
+        "^https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[!-~]*)?$",
+        "must be an http(s) URL of the S3 server such as https://s3.example.com or http://10.0.0.5:9000",
+    ),
+]
+StorageURI = Annotated[
+    str,
+    StringConstraints(max_length=2048),
+    Matches(
+        f"^(s3://{_BUCKET}(/[^/]+)*/?|{_LOCAL})$",
+        "must be s3://BUCKET/PREFIX (BUCKET: 3-63 lowercase letters, digits, dots or hyphens, starting and "
+        "ending with a letter or digit; no empty path segments) or, for `rlp run`, file://PATH",
+        on_cluster=("^s3://", "must be s3://BUCKET/PREFIX on a cluster: file:// storage would be the operator's "
+                              "and each pod's own disk (use file:// only with `rlp run`)"),
+    ),
+]
+DataURI = Annotated[
+    str,
+    StringConstraints(max_length=2048),
+    Matches(
+        f"^(builtin://[a-z0-9_-]+/[a-z0-9_-]+([?].*)?|{_S3_OBJECT}|{_LOCAL})$",
+        f"must name a JSONL file: {_S3_FORM}; builtin://TASK/SPLIT; or, for `rlp run`, a local path or "
+        "file://PATH (http(s) URLs are not read)",
+        on_cluster=("^(s3|builtin)://", "must be s3://BUCKET/KEY or builtin://TASK/SPLIT on a cluster: a local "
+                                        "path is not readable by the phase pods"),
+    ),
+]
+ModelURI = Annotated[
+    str,
+    StringConstraints(max_length=2048),
+    Matches(
+        f"^({_S3_OBJECT}|{_LOCAL})$",
+        "must name a save_pretrained directory: s3://BUCKET/PREFIX/ or, for `rlp run`, a local path or file://PATH",
+        on_cluster=("^s3://", "must be s3://BUCKET/PREFIX/ on a cluster: a local path is not readable by the phase pods"),
+    ),
+]
 
 
 class SpecModel(BaseModel):
@@ -71,7 +182,7 @@ class Training(SpecModel):
 class SFT(SpecModel):
     """Supervised fine-tuning, run before round 1 when `policy.model` is not given."""
 
-    demonstrations: str = Field(
+    demonstrations: DataURI = Field(
         "builtin://arith/demonstrations",
         description="JSONL of {prompt, response}; builtin://<task>/demonstrations for a built-in task.",
     )
@@ -80,17 +191,17 @@ class SFT(SpecModel):
 
 
 class Policy(SpecModel):
-    model: str | None = Field(
+    model: ModelURI | None = Field(
         None, description="HF-format directory (URI) of the starting (SFT) policy; omit to run the sft phase."
     )
     sft: SFT = Field(default_factory=SFT)
 
 
 class RewardModel(SpecModel):
-    model: str | None = Field(
+    model: ModelURI | None = Field(
         None, description="HF-format directory (URI) of a trained reward model; omit to run the reward phase."
     )
-    human_preferences: str = Field(
+    human_preferences: DataURI = Field(
         "builtin://arith/preferences", description="JSONL of {prompt, chosen, rejected} human preference pairs."
     )
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs kept out to measure accuracy.")
@@ -101,7 +212,7 @@ class Generation(SpecModel):
     """Sampling of the policy: rollouts in the generate phase and responses in evaluate."""
 
     samples_per_prompt: int = Field(8, ge=1, le=256)
-    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts per round.")
+    max_prompts: int | None = Field(None, ge=1, le=10_000_000, description="Use at most this many prompts per round.")
     temperature: float = Field(1.0, gt=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8, ge=1, le=8192)
@@ -135,6 +246,11 @@ class SPG(SpecModel):
         0.5, gt=0, le=1, description="Used when maxEntropy is unset: keep this most-confident share of prompts."
     )
     pairs_per_prompt: int = Field(1, ge=1, le=64)
+    synthetic_weight: float = Field(
+        1.0, gt=0, le=1000,
+        description="Loss weight of a synthetic pair relative to a human pair (human pairs can drown a few "
+        "hundred synthetic ones).",
+    )
     training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
 
 
@@ -144,7 +260,7 @@ class SER(SpecModel):
     high_confidence: float = Field(0.9, gt=0.5, lt=1, description="p=σ(Δr) above this (or below 1-it) is confident.")
     low_confidence: float = Field(0.7, gt=0.5, lt=1, description="Lower edge of the middle band used once easy pairs run out.")
     max_iterations: int = Field(3, ge=1, le=100)
-    min_new_pairs: int = Field(8, ge=0, description="Stop when an iteration selects fewer new pairs than this.")
+    min_new_pairs: int = Field(8, ge=0, le=1_000_000, description="Stop when an iteration selects fewer new pairs than this.")
     max_pairs_per_prompt: int = Field(
         8, ge=1, le=1024, description="Unlabeled pairs drawn from the different responses to one prompt."
     )
@@ -187,15 +303,23 @@ class DeepSpeed(SpecModel):
 
 class Optimization(SpecModel):
     algorithm: Literal["ppo", "apa"] = "ppo"
+    reward: Literal["reward-model", "judge"] = Field(
+        "reward-model",
+        description="What the policy is optimised against: the (refined) reward model, or the evaluation judge "
+        "itself (a programmatic/verifiable reward; also the gold-reward ceiling in benchmarks).",
+    )
+    value_init: Literal["reward-model", "policy"] = Field(
+        "reward-model", description="Backbone the critic starts from: the reward model (reads rewards already) or the policy."
+    )
     ppo: PPO = Field(default_factory=PPO)
     apa: APA = Field(default_factory=APA)
-    steps: int = Field(40, ge=1, description="Rollout/update iterations per round.")
-    rollout_batch_size: int = Field(64, ge=1, description="Prompts per rollout.")
-    mini_batch_size: int = Field(32, ge=1)
+    steps: int = Field(40, ge=1, le=1_000_000, description="Rollout/update iterations per round.")
+    rollout_batch_size: int = Field(64, ge=1, le=65536, description="Prompts per rollout.")
+    mini_batch_size: int = Field(32, ge=1, le=65536)
     ppo_epochs: int = Field(2, ge=1, le=64)
     learning_rate: float = Field(3e-4, gt=0, le=1)
     value_learning_rate: float | None = Field(None, gt=0, le=1, description="Defaults to learningRate.")
-    warmup_steps: int = Field(2, ge=0)
+    warmup_steps: int = Field(2, ge=0, le=1_000_000)
     max_grad_norm: float = Field(1.0, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
@@ -213,7 +337,7 @@ class Optimization(SpecModel):
     )
     temperature: float = Field(1.0, gt=0, le=10)
     max_new_tokens: int = Field(8, ge=1, le=8192)
-    checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
+    checkpoint_every: int = Field(10, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
 
     @model_validator(mode="after")
@@ -226,32 +350,37 @@ class Optimization(SpecModel):
 
 
 class Evaluation(SpecModel):
-    prompts: str = Field("builtin://arith/eval", description="JSONL of prompts the two policies answer.")
-    judge: str = Field(
+    prompts: DataURI = Field("builtin://arith/eval", description="JSONL of prompts the two policies answer.")
+    judge: Annotated[str, StringConstraints(max_length=2048), Matches("^(reward-model|builtin://[a-z0-9_-]+([?].*)?)$",
+                                  "must be reward-model or builtin://TASK (a built-in gold judge)")] = Field(
         "reward-model",
         description="reward-model (the final refined RM) or builtin://<task> (a programmatic gold judge).",
     )
-    max_prompts: int | None = Field(None, ge=1)
+    max_prompts: int | None = Field(None, ge=1, le=10_000_000)
     temperature: float = Field(1.0, gt=0, le=10)
     max_new_tokens: int = Field(8, ge=1, le=8192)
     confidence: float = Field(0.95, gt=0, lt=1, description="Level of the win-rate's confidence interval.")
 
 
 class SecretRef(SpecModel):
-    name: str = Field(..., min_length=1, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    name: ObjectName = Field(..., description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
 
 
 class Storage(SpecModel):
-    uri: str = Field("file://./runs", description="Root for checkpoints and phase outputs: s3://bucket/prefix or file://dir.")
-    endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS servers.")
-    region: str | None = None
+    uri: StorageURI = Field(
+        "file://./runs",
+        description="Root for checkpoints and phase outputs: s3://bucket/prefix (the bucket must exist), or "
+        "file://dir for `rlp run` only.",
+    )
+    endpoint: EndpointURL | None = Field(None, description="S3 endpoint URL for non-AWS servers.")
+    region: Annotated[str, StringConstraints(max_length=64)] | None = None
     secret_ref: SecretRef | None = Field(None, description="Credentials for s3:// (cluster runs).")
 
 
 class Toleration(SpecModel):
-    key: str | None = None
+    key: Annotated[str, StringConstraints(max_length=317)] | None = None
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
 
@@ -259,39 +388,41 @@ class Toleration(SpecModel):
 class Resources(SpecModel):
     """Where and how the phase workloads run on a cluster (ignored by `rlp run`)."""
 
-    image: str = Field("rlp-job:0.1.0", description="Container image of the phase jobs.")
+    image: Image = Field("rlp-job:0.1.0", description="Container image of the phase jobs.")
     gpus_per_pod: int = Field(1, ge=0, le=64)
     nodes: int = Field(1, ge=1, le=1024, description="Pods per phase (indexed Job with a headless Service when >1).")
-    cpu: str = Field("4", description="CPU request per pod.")
-    memory: str = Field("32Gi", description="Memory request per pod.")
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    priority_class_name: str | None = None
-    queue: str | None = Field(None, description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name).")
-    service_account_name: str | None = None
+    cpu: Quantity = Field("4", description="CPU request per pod.")
+    memory: Quantity = Field("32Gi", description="Memory request per pod.")
+    node_selector: dict[Annotated[str, StringConstraints(max_length=317)], LabelValue] = Field(
+        default_factory=dict, max_length=64
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    priority_class_name: ObjectName | None = None
+    queue: LabelValue | None = Field(None, description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name).")
+    service_account_name: ObjectName | None = None
 
 
 class PhaseOverride(SpecModel):
     """Per-phase overrides of `resources` (e.g. more nodes for optimize, no GPU for evaluate)."""
 
-    image: str | None = None
+    image: Image | None = None
     gpus_per_pod: int | None = Field(None, ge=0, le=64)
     nodes: int | None = Field(None, ge=1, le=1024)
-    cpu: str | None = None
-    memory: str | None = None
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
     active_deadline_seconds: int | None = Field(None, ge=1)
 
 
 class RLPRunSpec(SpecModel):
     policy: Policy = Field(default_factory=Policy)
     reward_model: RewardModel = Field(default_factory=RewardModel)
-    prompts: str = Field("builtin://arith/prompts", description="JSONL of {prompt} the policy is sampled on.")
+    prompts: DataURI = Field("builtin://arith/prompts", description="JSONL of {prompt} the policy is sampled on.")
     generation: Generation = Field(default_factory=Generation)
     reward_learning: RewardLearning = Field(default_factory=RewardLearning)
     optimization: Optimization = Field(default_factory=Optimization)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     rounds: int = Field(1, ge=1, le=100)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     storage: Storage = Field(default_factory=Storage)
     resources: Resources = Field(default_factory=Resources)
     phases: dict[PhaseName, PhaseOverride] = Field(default_factory=dict)
@@ -383,6 +514,18 @@ def load_run(path: str | Path) -> RLPRun:
     return parse_run(doc, str(path))
 
 
+def _plain_type(tp: Any) -> Any:
+    """`tp` without its `Annotated` constraints, for the reference's type column."""
+    if typing.get_origin(tp) is Annotated:
+        return _plain_type(typing.get_args(tp)[0])
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, (_plain_type(a) for a in typing.get_args(tp)))
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return dict[_plain_type(key), _plain_type(value)]
+    return tp
+
+
 def reference_markdown() -> str:
     """docs/spec.md: every spec field with its YAML path, default and description (kept current by a test)."""
     rows: list[str] = []
@@ -394,7 +537,7 @@ def reference_markdown() -> str:
             if isinstance(value, SpecModel):
                 walk(value, path)
                 continue
-            annotation = info.annotation
+            annotation = _plain_type(info.annotation)
             kind = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
             kind = kind or str(annotation).replace("typing.", "").replace("rlp_core.spec.", "")
             default = json.dumps(value, default=lambda m: m.model_dump(by_alias=True))

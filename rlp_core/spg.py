@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rlp_core.context import RM_DIR, PhaseContext, train_reward_model
 from rlp_core.data import PreferencePair, Sample
 from rlp_core.models import load_reward_model, load_tokenizer, save_model
 from rlp_core.reward_learning import by_prompt, gold_accuracy, gold_agreement, histogram
@@ -160,14 +161,13 @@ def synthetic_pairs(group: PromptClusters, pairs_per_prompt: int) -> list[Prefer
             for c in others[:pairs_per_prompt]]
 
 
-def run_synthesize(ctx) -> dict[str, Any]:
-    from rlp_core.pipeline import RM_DIR, train_reward_model
-
+def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     cfg = ctx.spec.reward_learning.spg
     samples = ctx.samples()
     groups = cluster_prompts(samples, equivalence_for(cfg))
     kept = select_confident(groups, cfg.max_entropy, cfg.keep_fraction)
-    synthetic = [p for g in kept for p in synthetic_pairs(g, cfg.pairs_per_prompt)]
+    synthetic = [p.model_copy(update={"weight": cfg.synthetic_weight})
+                 for g in kept for p in synthetic_pairs(g, cfg.pairs_per_prompt)]
     train, _ = ctx.human_pairs()
     init_dir = ctx.reward_model_dir()
     max_n = max(sum(g.sizes) for g in groups)

@@ -196,6 +196,10 @@ class Store(abc.ABC):
     def get_bytes(self, key: str) -> bytes:
         """Content of ``key``; FileNotFoundError when absent."""
 
+    def get_head(self, key: str, size: int) -> bytes:
+        """The first ``size`` bytes of ``key`` (to check a large file's first records without reading it all)."""
+        return self.get_bytes(key)[:size]
+
     @abc.abstractmethod
     def put_file(self, local: Path, key: str) -> FileEntry:
         """Upload one local file (streamed); the entry's path is ``key``, its sha256 computed locally."""
@@ -489,6 +493,10 @@ class S3Store(Store):
     def get_bytes(self, key: str) -> bytes:
         with self._errors(key, "read"):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def get_head(self, key: str, size: int) -> bytes:
+        with self._errors(key, "read"):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{size - 1}")["Body"].read()
 
     def put_file(self, local: Path, key: str) -> FileEntry:
         local = Path(local)

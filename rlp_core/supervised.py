@@ -112,7 +112,8 @@ def reward_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, max_
     def loss_fn(batch: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, float]]:
         enc = encode_preferences(tokenizer, batch, max_length, model.device)
         chosen, rejected = pair_rewards(model, enc)
-        loss = bradley_terry_loss(chosen, rejected)
+        weight = torch.tensor([p.weight for p in batch], dtype=chosen.dtype, device=chosen.device)
+        loss = bradley_terry_loss(chosen, rejected, weight)
         acc = (chosen > rejected).float().mean()
         return loss, {"reward_loss": loss.item(), "rm_accuracy_train": acc.item(),
                       "tokens": int(enc.chosen["attention_mask"].sum() + enc.rejected["attention_mask"].sum())}

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlp_core.context import RM_DIR, PhaseContext, PhaseError
 from rlp_core.data import PreferencePair, Sample
 from rlp_core.models import encode_pairs, load_reward_model, load_tokenizer, position_ids, save_model
 from rlp_core.reward_learning import by_prompt, gold_accuracy
@@ -142,9 +143,7 @@ def mib_loss_fn(model, heads: MIBHeads, tokenizer, max_length: int, alpha: float
     return loss_fn
 
 
-def run_refine(ctx) -> dict[str, Any]:
-    from rlp_core.pipeline import RM_DIR, PhaseError
-
+def run_refine(ctx: PhaseContext) -> dict[str, Any]:
     cfg = ctx.spec.reward_learning.uml
     training = cfg.training
     init_dir = ctx.reward_model_dir()

@@ -165,14 +165,24 @@ class FakeKube:
         if obj and obj["metadata"].get("deletionTimestamp") and not obj["metadata"].get("finalizers"):
             del self.objects[(collection, ns, name)]
 
-    def list(self, collection: str, ns: str, *, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    def list(self, collection: str, ns: str, *, labels: dict[str, str] | None = None,
+             fields: dict[str, str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
         self.calls.append(("list", collection, ""))
         out = []
         for obj in self.all(collection, ns):
             have = obj["metadata"].get("labels") or {}
-            if all(have.get(k) == v for k, v in (labels or {}).items()):
+            if all(have.get(k) == v for k, v in (labels or {}).items()) and all(
+                _field(obj, path) == v for path, v in (fields or {}).items()
+            ):
                 out.append(obj)
         return out
+
+
+def _field(obj: dict[str, Any], path: str) -> Any:
+    """A field selector's value: `involvedObject.uid` -> obj["involvedObject"]["uid"]."""
+    for part in path.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
 
 
 def _merge(base: Any, patch: Any) -> Any:
@@ -390,12 +400,15 @@ class ClusterRig:
             {"metadata": {"name": self.SECRET},
              "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}},
         )  # fmt: skip
+        s3 = s3_server.client()
+        for model in ("sft", "rm"):  # the starting models spec() names, as the operator's preflight finds them
+            s3.put_object(Bucket=bucket, Key=f"models/{model}/config.json", Body=b"{}")
 
     # -- runs
     def spec(self, **overrides: Any) -> dict[str, Any]:
         spec: dict[str, Any] = {
-            "policy": {"model": "s3://models/sft/"},
-            "rewardModel": {"model": "s3://models/rm/"},
+            "policy": {"model": f"s3://{self.bucket}/models/sft/"},
+            "rewardModel": {"model": f"s3://{self.bucket}/models/rm/"},
             "rewardLearning": {"strategy": "rlp"},
             "storage": {"uri": f"s3://{self.bucket}/runs", "endpoint": self.s3.endpoint_url,
                         "secretRef": {"name": self.SECRET}},

@@ -86,7 +86,7 @@ OPERATOR_NEEDS = {
     ("", "services", "list"), ("", "services", "create"), ("", "services", "delete"),
     ("", "configmaps", "get"), ("", "configmaps", "list"), ("", "configmaps", "create"),
     ("", "configmaps", "update"), ("", "configmaps", "delete"),
-    ("", "events", "create"),
+    ("", "events", "create"), ("", "events", "list"),
     ("", "secrets", "get"),
 }  # fmt: skip
 CRD_OBSERVER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
@@ -113,7 +113,7 @@ def test_default_values_render_the_operator_without_prometheus_operator_objects(
     objs = render(crds=True)
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted(["CustomResourceDefinition"] * 3 + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                                                "Deployment", "Service", "ConfigMap"])  # fmt: skip
+                                                                "Deployment", "Service", "ConfigMap", "Job"])  # fmt: skip
     assert {o["metadata"]["name"] for o in by_kind(objs, "CustomResourceDefinition")} == {
         "rlpruns.rlp.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}  # fmt: skip
     for o in objs:
@@ -140,6 +140,27 @@ def test_full_values_render_every_optional_object():
     pm = one(objs, "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["ml-team-a", "ml-team-b"]}
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_uninstall_hook_deletes_the_watched_runs_with_the_operators_rights():
+    """The pre-delete hook Job runs `rlp operator uninstall` (its flags parsed by its own parser) as the
+    operator's ServiceAccount, over the watched namespaces, and is not mistaken for the operator."""
+    from rlp_operator.uninstall import build_parser
+
+    objs = render(FULL_VALUES)
+    hook = next(o for o in by_kind(objs, "Job") if o["metadata"]["name"] == "rlp-uninstall")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    pod = hook["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["rlp", "operator", "uninstall"]
+    args = build_parser().parse_args(container["args"])
+    assert args.namespace == ["ml-team-a", "ml-team-b"] and args.timeout == 600
+    assert hook["spec"]["activeDeadlineSeconds"] > args.timeout
+    assert pod["spec"]["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
+    selector = one(objs, "Service")["spec"]["selector"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()  # not one of the operator's pods
+    assert container["securityContext"] == operator_container(objs)["securityContext"]
+    assert not [o for o in render(set_={"uninstall.deleteRuns": "false"}) if o["kind"] == "Job"]
 
 
 def test_pod_monitor_selects_the_operators_phase_pods():
@@ -226,7 +247,7 @@ def test_operator_flags_are_the_operators_own():
     assert args.peering == "rlp-peering" and not args.standalone
     assert args.namespace == ["ml-team-a", "ml-team-b"]
     assert (args.log_level, args.workers, args.resync_seconds) == ("debug", 16, 120.0)
-    assert (args.backoff_base, args.backoff_max) == (5.0, 600.0)
+    assert (args.backoff_base, args.backoff_max, args.unschedulable_grace_seconds) == (5.0, 600.0, 900.0)
     assert one(full, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
     env = {e["name"]: e for e in operator_container(full)["env"]}
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # kopf's peer identity

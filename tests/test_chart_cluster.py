@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_fixtures import ClusterRig, OperatorProcess, raw
+from operator_fixtures import REPO, ClusterRig, OperatorProcess, raw
 
 from infra.kube import wait_until
 from infra.tools import prometheus_operator_crds
@@ -143,7 +146,9 @@ class Release:
             files.append(v)
         override = tmp_path / f"values-{self.name}-name.yaml"
         override.write_text(yaml.safe_dump({"fullnameOverride": self.name}))
-        self.objects = render(*files, override, release=self.name, namespace=namespace)
+        # what `helm install` creates: hooks (the pre-delete Job) run only at their event
+        self.objects = [o for o in render(*files, override, release=self.name, namespace=namespace)
+                        if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]  # fmt: skip
         self.applied: list[dict[str, Any]] = []
 
     def __enter__(self) -> Release:
@@ -240,6 +245,20 @@ FORBIDDEN_CLUSTER = [
 
 def _needs() -> list[tuple[str, str, str]]:
     return sorted((verb, group, resource) for group, resource, verb in OPERATOR_NEEDS)
+
+
+def test_monitoring_without_the_prometheus_operator_crds_fails_with_the_charts_own_message(control_plane, kube_api,
+                                                                                         extra_namespace):  # fmt: skip
+    """Before `chart_crds` installs them (the first test of this module): Helm alone would only say
+    "no matches for kind"."""
+    assert raw(kube_api, "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                                "servicemonitors.monitoring.coreos.com")[0] == 404, "precondition: no Prometheus Operator"  # fmt: skip
+    release_ns = extra_namespace("t-rlp-nomon")
+    proc = helm("install", f"rlp-{uuid.uuid4().hex[:6]}", str(CHART), "--namespace", release_ns,
+                "--set", "metrics.serviceMonitor.enabled=true", kubeconfig=control_plane.kubeconfig, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "ServiceMonitor is enabled but this cluster does not serve monitoring.coreos.com/v1" in proc.stderr, proc.stderr
+    assert "docs/install.md#monitoring" in proc.stderr
 
 
 def test_default_values_cluster_scope_rbac_is_enough_and_no_more(kube_api, chart_crds, namespace, tmp_path):
@@ -446,10 +465,21 @@ def test_operator_runs_a_full_rlprun_with_only_the_charts_rbac(control_plane, ku
             assert {"rlp_runs", "rlp_run_info", "rlp_phase_duration_seconds_bucket", "rlp_phase_retries_total",
                     "rlp_phase_transitions_total", "rlp_reconcile_errors_total"} <= operator_names  # fmt: skip
 
-            # deleting the run: the finalizer's cleanup lists and deletes Jobs, Services and ConfigMaps
+            # deleting the run: the garbage collector deletes the Jobs, Services and ConfigMap it owns
             raw(kube_api, "DELETE", f"/apis/rlp.dev/v1alpha1/namespaces/{namespace}/rlpruns/chart-rbac")
             wait_until(lambda: rig.get_run("chart-rbac") is None, timeout=30, what="run deleted")
-            assert not rig.jobs("chart-rbac")
+            wait_until(lambda: not rig.jobs("chart-rbac"), timeout=90, what="the run's Jobs deleted (GC)")
+
+            # the uninstall hook's command, with the same ServiceAccount, while a run's pod holds a GPU
+            rig.create_run("hook", annotations={"rlp.dev/delete-checkpoints": "true"})
+            rig.wait_pod_running(rig.wait_phase_running("hook", "generate"))
+            hook = subprocess.run([sys.executable, "-m", "rlp_operator", "uninstall", f"--namespace={namespace}",
+                                   "--timeout=60"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                                  env={**os.environ, "KUBECONFIG": str(kubeconfig)})  # fmt: skip
+            assert hook.returncode == 0, hook.stderr
+            assert "removed the" not in hook.stderr  # the operator finalized the run itself
+            assert rig.get_run("hook") is None and not rig.jobs()
+            assert "forbidden" not in hook.stderr.lower()
         finally:
             rig.operator.kill()
         log = (tmp_path / "operator-sa.log").read_text(errors="replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,33 @@ def test_schema_is_structural():
     assert crd_dict()["spec"]["names"]["shortNames"] == ["rlp"]
 
 
+def _largest_json(node) -> int:
+    """Bytes of the largest JSON value the schema admits (every string, list and map at its bound)."""
+    if "enum" in node:
+        return max(len(json.dumps(v)) for v in node["enum"])
+    kind = node["type"]
+    if kind == "string":
+        return node["maxLength"] * 6 + 2  # worst case: every character escaped as \uXXXX
+    if kind in ("integer", "number"):
+        return 24
+    if kind == "boolean":
+        return 5
+    if kind == "array":
+        return 2 + node["maxItems"] * (_largest_json(node["items"]) + 1)
+    if "additionalProperties" in node:  # a map: its keys are bounded by a CEL rule
+        key = int(next(r["rule"].split("<= ")[1].rstrip(")") for r in node["x-kubernetes-validations"]
+                       if r["rule"].startswith("self.all(k, k.size()")))  # fmt: skip
+        return 2 + node["maxProperties"] * (key * 6 + 4 + _largest_json(node["additionalProperties"]))
+    return 2 + sum(len(k) + 4 + _largest_json(v) for k, v in node["properties"].items())
+
+
+def test_the_largest_spec_the_crd_admits_fits_its_configmap():
+    """Every string, list and map of the spec is bounded (a KeyError here names an unbounded one), so a run
+    the apiserver admits always fits its `<run>-spec` ConfigMap (at most 1 MiB)."""
+    spec = crd_dict()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert _largest_json(spec) < 1024 * 1024 // 2  # the ConfigMap holds the spec indented: room for it
+
+
 def test_rendered_yaml_round_trips():
     assert yaml.safe_load(render_crd()) == crd_dict()
 
@@ -89,19 +117,24 @@ def crd(kube_api):
     return kube_api
 
 
+# The least a cluster run needs: S3 storage (file:// is refused on a cluster).
+S3 = {"storage": {"uri": "s3://rlp-test/runs"}}
+
+
 def _create(api, ns, body, query="fieldValidation=Strict"):
     return raw(api, "POST", RUNS_PATH.format(ns=ns), body, query=query)
 
 
 def test_apiserver_fills_in_the_same_defaults_as_pydantic(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("defaults", {}))
+    status, obj = _create(crd, namespace, rlprun("defaults", S3))
     assert status == 201, obj
-    expected = RLPRunSpec().model_dump(mode="json", by_alias=True, exclude_none=True)
+    expected = RLPRunSpec.model_validate(S3).model_dump(mode="json", by_alias=True, exclude_none=True)
     assert obj["spec"] == expected
     # and with a partial spec: nested defaults under a given object
-    status, obj = _create(crd, namespace, rlprun("partial", {"optimization": {"algorithm": "apa"}, "rounds": 2}))
+    partial = {**S3, "optimization": {"algorithm": "apa"}, "rounds": 2}
+    status, obj = _create(crd, namespace, rlprun("partial", partial))
     assert status == 201, obj
-    expected = RLPRunSpec.model_validate({"optimization": {"algorithm": "apa"}, "rounds": 2})
+    expected = RLPRunSpec.model_validate(partial)
     assert obj["spec"] == expected.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
@@ -119,23 +152,50 @@ INVALID = [
     ({"backoffLimit": "three"}, "spec.backoffLimit"),
     ({"optimizaton": {}}, "optimizaton"),  # a typo: strict field validation names it
     ({"phases": {"optimise": {}}}, "optimise"),
+    # what the Job, the store or a phase would only find out later (issue #13)
+    ({"resources": {"memory": "lots"}}, "spec.resources.memory"),
+    ({"resources": {"cpu": "-4"}}, "spec.resources.cpu"),
+    ({"phases": {"evaluate": {"memory": "16 Gi"}}}, "spec.phases.evaluate.memory"),
+    ({"resources": {"image": ""}}, "spec.resources.image"),
+    ({"storage": {"uri": "s3://rlp-test/runs", "endpoint": "not a url"}}, "spec.storage.endpoint"),
+    ({"storage": {"uri": "s3://Bad_Bucket!!/x"}}, "spec.storage.uri"),
+    ({"storage": {"uri": "file://./runs"}}, "spec.storage.uri"),
+    ({"storage": {}}, "spec.storage.uri"),  # as `spec: {}`: the default file://./runs is for `rlp run` only
+    ({"prompts": "http://example.com/prompts.jsonl"}, "spec.prompts"),
+    ({"rewardModel": {"humanPreferences": "data/prefs.jsonl"}}, "spec.rewardModel.humanPreferences"),
+    ({"policy": {"model": "/models/sft"}}, "spec.policy.model"),
+    ({"evaluation": {"judge": "gpt-4"}}, "spec.evaluation.judge"),
+    ({"optimization": {"steps": 10**15}}, "spec.optimization.steps"),
+    ({"resources": {"priorityClassName": "High Priority"}}, "spec.resources.priorityClassName"),
+    ({"resources": {"nodeSelector": {f"k{i}": "v" for i in range(65)}}}, "spec.resources.nodeSelector"),
+    ({"evaluation": {"prompts": "s3://rlp-test/" + "x" * 3000}}, "spec.evaluation.prompts"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("spec,field", INVALID, ids=[f for _, f in INVALID])
 def test_invalid_runs_are_rejected_naming_the_field(crd, namespace, spec, field):
-    status, obj = _create(crd, namespace, rlprun("bad", spec))
+    status, obj = _create(crd, namespace, rlprun("bad", {**S3, **spec}))
     assert status in (400, 422), obj  # 400: strict decoding of an unknown field; 422: schema validation
     assert field in obj["message"], obj["message"]
 
 
+def test_an_empty_spec_is_refused_on_a_cluster_and_nulls_pass(crd, namespace):
+    """`rlp run` defaults to file:// storage; on a cluster that would be the operator's own disk."""
+    for name, body in (("empty", rlprun("empty", {})), ("nospec", {**rlprun("nospec", {}), "spec": None})):
+        status, obj = _create(crd, namespace, {k: v for k, v in body.items() if v is not None})
+        assert status == 422 and "spec.storage.uri" in obj["message"] and "s3://" in obj["message"], obj
+    nulls = {**S3, "policy": {"model": None}, "storage": {**S3["storage"], "endpoint": None}}
+    status, obj = _create(crd, namespace, rlprun("nulls", nulls))
+    assert status == 201, obj
+
+
 def test_long_run_name_is_rejected(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("r" * 51, {}))
+    status, obj = _create(crd, namespace, rlprun("r" * 51, S3))
     assert status == 422 and "metadata.name" in obj["message"], obj
 
 
 def test_training_fields_are_immutable_and_scheduling_fields_are_not(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("imm", {}))
+    status, obj = _create(crd, namespace, rlprun("imm", S3))
     assert status == 201, obj
     path = RUNS_PATH.format(ns=namespace) + "/imm"
     status, obj = raw(crd, "PATCH", path, {"spec": {"rounds": 3}}, content_type="application/merge-patch+json")
@@ -151,7 +211,7 @@ def test_training_fields_are_immutable_and_scheduling_fields_are_not(crd, namesp
 
 
 def test_printer_columns_and_short_name(crd, namespace):
-    status, obj = _create(crd, namespace, rlprun("cols", {}))
+    status, obj = _create(crd, namespace, rlprun("cols", S3))
     assert status == 201
     path = RUNS_PATH.format(ns=namespace) + "/cols/status"
     status, obj = raw(crd, "PATCH", path, {"status": {"phase": "Running", "currentPhase": "optimize", "round": 2,

@@ -18,6 +18,9 @@ def t(*rows):
 def test_bradley_terry_loss():
     # mean(−log σ(1), −log σ(0)) = mean(0.3132617, 0.6931472)
     assert losses.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])).item() == approx(0.5032044)
+    # weighted: (3·(−log σ(1)) + 1·(−log σ(0))) / 4 = (3·0.3132617 + 0.6931472) / 4
+    weighted = losses.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([3.0, 1.0]))
+    assert weighted.item() == approx(0.4082331)
 
 
 def test_gae_three_steps():

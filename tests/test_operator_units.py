@@ -45,8 +45,8 @@ class Events:
 
 def base_spec(tmp_path, **overrides) -> dict:
     spec = {
-        "policy": {"model": "s3://models/sft/"},
-        "rewardModel": {"model": "s3://models/rm/"},
+        "policy": {"model": f"file://{tmp_path}/models/sft/"},
+        "rewardModel": {"model": f"file://{tmp_path}/models/rm/"},
         "rewardLearning": {"strategy": "rlp"},
         "storage": {"uri": f"file://{tmp_path}/store"},
         "backoffLimit": 3,
@@ -58,6 +58,9 @@ def base_spec(tmp_path, **overrides) -> dict:
 class Harness:
     def __init__(self, tmp_path, spec: dict | None = None, name: str = "demo", ns: str = "team", annotations=None):
         self.tmp_path = tmp_path
+        for model in ("sft", "rm"):  # what the preflight looks for in base_spec's model directories
+            (tmp_path / "models" / model).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "models" / model / "config.json").write_text("{}")
         self.kube = FakeKube()
         self.clock = Clock()
         self.metrics = OperatorMetrics(process=False)
@@ -233,7 +236,7 @@ def test_render_job_multi_node_and_kueue(tmp_path):
 
 
 def test_configmap_holds_the_spec_without_secret_values(tmp_path):
-    run = _run(tmp_path, storage={"uri": "s3://b/p", "secretRef": {"name": "creds"}})
+    run = _run(tmp_path, storage={"uri": "s3://bkt/p", "secretRef": {"name": "creds"}})
     cm = wl.render_configmap(run, OWNER)
     doc = json.loads(cm["data"]["spec.json"])
     assert doc["kind"] == "RLPRun" and doc["metadata"]["name"] == "demo"
@@ -267,9 +270,9 @@ def test_job_outcome():
 
 def test_happy_path_through_all_phases(tmp_path):
     h = Harness(tmp_path)
-    assert h.reconcile() is None
+    assert h.reconcile() == h.reconciler.settings.workload_check  # look again: is the new Job starting?
     body = h.body()
-    assert wl.FINALIZER in body["metadata"]["finalizers"]
+    assert not body["metadata"].get("finalizers")  # the garbage collector deletes its workloads (owner references)
     st = h.status()
     assert [(r.name, r.round) for r in st.phases] == [(p, 1) for p in FULL]
     assert st.phase == "Running" and st.current_phase == "generate" and st.round == 1
@@ -291,7 +294,7 @@ def test_happy_path_through_all_phases(tmp_path):
     assert h.jobs() == [f"demo-r1-{p}-a1" for p in sorted(FULL)]
     assert all(n == 1 for n in h.kube.creates.values())
     reasons = h.events.reasons()
-    assert reasons[:3] == ["Accepted", "PhaseStarted", "Started"]
+    assert reasons[:4] == ["Accepted", "Validated", "PhaseStarted", "Started"]
     assert reasons.count("PhaseStarted") == 5 and reasons.count("PhaseSucceeded") == 5
     assert reasons[-1] == "Succeeded"
     for phase in FULL:
@@ -366,7 +369,9 @@ def test_phase_that_always_fails_fails_the_run_after_backoff_limit_attempts(tmp_
     rec = st.phases[0]
     assert rec.state == "Failed" and rec.attempts == 2 and rec.failures == 2
     assert st.phase == "Failed" and st.current_phase == "generate"
-    assert "exited with code 7" in st.message and "2 of backoffLimit 2" in st.message
+    failed = st.condition("Failed").message  # the full text; status.message is the short MESSAGE column
+    assert "exited with code 7" in failed and "2 of backoffLimit 2" in failed and "CUDA out of memory" in failed
+    assert len(st.message) <= 120 and st.message.startswith("generate (round 1): Job demo-r1-generate-a2 failed")
     failed = st.condition("Failed")
     assert failed.status == "True" and failed.reason == "BackoffLimitExceeded"
     assert h.jobs() == ["demo-r1-generate-a1", "demo-r1-generate-a2"]
@@ -465,10 +470,29 @@ def test_suspend_status_written_but_job_not_yet_deleted(tmp_path):
     assert h.jobs() == ["demo-r1-generate-a2"]
 
 
+def test_only_runs_deleting_their_checkpoints_hold_a_finalizer(tmp_path):
+    """An operator that is gone cannot hold up `kubectl delete` or a namespace's deletion: a plain run has no
+    finalizer (its Jobs, Services and ConfigMap are owned by it, so the garbage collector deletes them), and
+    one left by an older operator is removed."""
+    h = Harness(tmp_path)
+    h.reconcile()
+    for kind in (JOBS, CONFIGMAPS):
+        for obj in h.kube.all(kind, "team"):
+            assert obj["metadata"]["ownerReferences"][0]["uid"] == h.body()["metadata"]["uid"]
+    h.kube.merge_patch(RUNS, "team", "demo", {"metadata": {"finalizers": [wl.FINALIZER]}})
+    h.reconcile()
+    assert not h.body()["metadata"].get("finalizers")
+    h.kube.merge_patch(RUNS, "team", "demo", {"metadata": {"annotations": {wl.ANNOTATION_DELETE_CHECKPOINTS: "true"}}})
+    h.reconcile()
+    assert h.body()["metadata"]["finalizers"] == [wl.FINALIZER]
+
+
 def test_delete_cleans_up_workloads_and_keeps_checkpoints(tmp_path):
+    """A run that still holds the finalizer (an older operator's) is cleaned up by the operator itself."""
     h = Harness(tmp_path)
     h.reconcile()
     h.complete_phase("generate")
+    h.kube.merge_patch(RUNS, "team", "demo", {"metadata": {"finalizers": [wl.FINALIZER]}})
     h.kube.delete(RUNS, "team", "demo")
     assert h.body()["metadata"]["deletionTimestamp"]
     h.reconcile()
@@ -501,8 +525,6 @@ def test_ttl_after_finished_deletes_the_run(tmp_path):
     h.clock.advance(29)
     assert h.reconcile() == pytest.approx(1)
     h.clock.advance(1)
-    h.reconcile()
-    assert h.body()["metadata"].get("deletionTimestamp")  # finalizer cleanup follows
     h.reconcile()
     assert h.body() is None
     assert "Expired" in h.events.reasons()
@@ -596,7 +618,7 @@ def test_missing_storage_secret_is_reported_on_the_run_and_retried(tmp_path):
 def test_install_wide_job_defaults_fill_only_unset_fields(tmp_path):
     d = wl.JobDefaults.from_env({"RLP_DEFAULT_JOB_IMAGE": "reg/rlp-job:9", "RLP_S3_ENDPOINT": "http://s3:1",
                                  "AWS_DEFAULT_REGION": "eu-1", "RLP_DEFAULT_STORAGE_SECRET": "team-s3"})  # fmt: skip
-    run = d.apply(_run(tmp_path, storage={"uri": "s3://b/p"}))
+    run = d.apply(_run(tmp_path, storage={"uri": "s3://bkt/p"}))
     assert run.spec.resources.image == "reg/rlp-job:9"
     assert (run.spec.storage.endpoint, run.spec.storage.region) == ("http://s3:1", "eu-1")
     assert run.spec.storage.secret_ref.name == "team-s3"
@@ -604,7 +626,7 @@ def test_install_wide_job_defaults_fill_only_unset_fields(tmp_path):
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RLP_S3_ENDPOINT"]["value"] == "http://s3:1"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-s3"
-    own = d.apply(_run(tmp_path, storage={"uri": "s3://b/p", "endpoint": "http://mine", "secretRef": {"name": "mine"}},
+    own = d.apply(_run(tmp_path, storage={"uri": "s3://bkt/p", "endpoint": "http://mine", "secretRef": {"name": "mine"}},
                        resources={"image": "mine:1"}))  # fmt: skip
     assert (own.spec.storage.endpoint, own.spec.storage.secret_ref.name, own.spec.resources.image) == (
         "http://mine", "mine", "mine:1")  # fmt: skip
@@ -621,3 +643,83 @@ def test_defaults_do_not_count_as_a_spec_change(tmp_path):
     assert h.status().phase == "Running"
     refine = h.kube.get(JOBS, "team", "demo-r1-refine-a1")
     assert refine["spec"]["template"]["spec"]["containers"][0]["image"] == "other:2"
+
+
+# ---- problems a run must show (issue #13) ---------------------------------------------------------
+
+
+def test_preflight_fails_the_run_before_any_job_when_an_input_is_missing(tmp_path):
+    h = Harness(tmp_path, base_spec(tmp_path, policy={"model": f"file://{tmp_path}/models/nothing/"}))
+    (tmp_path / "models" / "nothing").mkdir()
+    h.reconcile()
+    st = h.status()
+    assert st.phase == "Failed" and h.jobs() == []
+    failed = st.condition("Failed")
+    assert failed.reason == "InputNotFound" and "spec.policy.model" in failed.message
+    assert st.condition("Validated").status == "False"
+    assert h.events.reasons()[-1] == "Failed"
+    # a local data path (admitted by an older CRD) is refused: the pods could not read it
+    h2 = Harness(tmp_path, base_spec(tmp_path, prompts=str(tmp_path / "prompts.jsonl")), name="local")
+    h2.reconciler.reconcile("team", "local")
+    st = RLPRunStatus.from_body(h2.kube.get(RUNS, "team", "local"))
+    assert st.condition("Failed").reason == "InvalidInput" and "spec.prompts" in st.condition("Failed").message
+
+
+def test_preflight_runs_once_and_not_for_runs_that_already_started(tmp_path):
+    h = Harness(tmp_path)
+    h.reconcile()
+    assert h.status().condition("Validated").status == "True"
+    (tmp_path / "models" / "sft" / "config.json").unlink()  # gone after the check: not looked for again
+    h.complete_phase("generate")
+    assert h.status().phase == "Running" and h.events.reasons().count("Validated") == 1
+
+
+def test_a_rejected_job_is_shown_and_retried_only_when_the_run_changes(tmp_path):
+    h = Harness(tmp_path)
+    h.kube.fail_next[("create", JOBS)] = KubeError(422, "Invalid", 'Job.batch "x" is invalid: spec.template...')
+    assert h.reconcile() is None  # no blind retry: a change to the run reconciles it again
+    st = h.status()
+    ready = st.condition("Ready")
+    assert (ready.status, ready.reason) == ("False", "JobRejected") and "is invalid" in ready.message
+    assert st.phase == "Pending" and h.record("generate").state == "Pending" and h.jobs() == []
+    assert h.events.reasons().count("JobRejected") == 1
+    h.reconcile()  # the same problem again: no second Event
+    assert h.events.reasons().count("JobRejected") == 1
+    h.kube.merge_patch(RUNS, "team", "demo", {"spec": {"resources": {"memory": "16Gi"}}})
+    h.reconcile()
+    assert h.jobs() == ["demo-r1-generate-a1"] and h.status().condition("Ready").reason == "Progressing"
+
+
+def test_a_spec_too_large_for_its_configmap_fails_the_run(tmp_path):
+    h = Harness(tmp_path)
+    h.kube.fail_next[("create", CONFIGMAPS)] = KubeError(422, "Invalid", "ConfigMap is invalid: []: Too long: must "
+                                                         "have at most 1048576 bytes")  # fmt: skip
+    h.reconcile()
+    st = h.status()
+    assert st.phase == "Failed" and st.condition("Failed").reason == "SpecTooLarge" and h.jobs() == []
+
+
+def test_an_unexpected_error_is_shown_on_the_run_with_its_retry(tmp_path):
+    h = Harness(tmp_path)
+    h.kube.fail_next[("create", JOBS)] = KubeError(500, "InternalError", "etcdserver: request timed out")
+    assert h.reconcile() == 1.0  # settings.error_backoff: 1 s, doubling
+    st = h.status()
+    ready = st.condition("Ready")
+    assert (ready.status, ready.reason) == ("False", "ReconcileError")
+    assert "etcdserver: request timed out" in ready.message and "retry 1 in 1s" in ready.message
+    assert st.message and len(st.message) <= 120
+    h.kube.fail_next[("create", JOBS)] = KubeError(500, "InternalError", "etcdserver: request timed out")
+    assert h.reconcile() == 2.0
+    h.reconcile()  # the apiserver is back
+    assert h.jobs() == ["demo-r1-generate-a1"] and h.status().condition("Ready").reason == "Progressing"
+
+
+def test_runs_without_status_are_counted_as_new(tmp_path):
+    m = OperatorMetrics(process=False)
+    m.observe_new_run("team", "fresh", RLPRunStatus())
+    m.observe_new_run("team", "old", RLPRunStatus(phase="Running"))
+    m.observe_run("team", "old", RLPRunStatus(phase="Succeeded"))
+    m.observe_new_run("team", "old", RLPRunStatus(phase="Running"))  # an older view does not win
+    assert m.registry.get_sample_value("rlp_runs", {"state": "New"}) == 1
+    assert m.registry.get_sample_value("rlp_runs", {"state": "Succeeded"}) == 1
+    assert m.registry.get_sample_value("rlp_runs", {"state": "Running"}) == 0

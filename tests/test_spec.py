@@ -24,7 +24,7 @@ def test_defaults_give_a_complete_plan():
 
 
 def test_given_models_skip_sft_and_reward_and_rounds_repeat():
-    run = parse_run({"spec": {"policy": {"model": "s3://b/sft"}, "rewardModel": {"model": "s3://b/rm"}, "rounds": 2}})
+    run = parse_run({"spec": {"policy": {"model": "s3://models/sft"}, "rewardModel": {"model": "s3://models/rm"}, "rounds": 2}})
     assert [p for _, p in run.spec.phase_plan()] == ["generate", "refine", "synthesize", "optimize"] * 2 + ["evaluate"]
 
 

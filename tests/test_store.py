@@ -77,6 +77,7 @@ def test_local_round_trip(tmp_path):
     s.put_bytes("a/b.txt", b"hello")
     assert s.exists("a/b.txt") and not s.exists("a") and not s.exists("nope")
     assert s.get_bytes("a/b.txt") == b"hello"
+    assert s.get_head("a/b.txt", 3) == b"hel"
     with pytest.raises(FileNotFoundError, match="nope"):
         s.get_bytes("nope")
 
@@ -171,6 +172,9 @@ def test_s3_basic_operations(s3_store, s3_client, s3_bucket):
     s.put_bytes("a/b.txt", b"hello")
     assert s.exists("a/b.txt") and not s.exists("a") and not s.exists("nope")
     assert s.get_bytes("a/b.txt") == b"hello"
+    assert s.get_head("a/b.txt", 3) == b"hel" and s.get_head("a/b.txt", 100) == b"hello"  # a ranged GET
+    with pytest.raises(FileNotFoundError):
+        s.get_head("nope", 3)
     assert s3_client.get_object(Bucket=s3_bucket, Key="root/a/b.txt")["Body"].read() == b"hello"
     with pytest.raises(FileNotFoundError, match=f"s3://{s3_bucket}/root/nope"):
         s.get_bytes("nope")

@@ -96,6 +96,24 @@ PRINTER_COLUMNS = [
 ]
 
 _DROP_KEYS = {"title", "additionalProperties", "propertyNames", "$defs", "$ref", "anyOf", "const"}
+# String rules of the spec model (`rlp_core.spec.Matches`). `x-rlp-match` is enforced everywhere and
+# becomes a rule on the field. `x-rlp-cluster-match` is enforced only here (what a job pod cannot read,
+# such as local paths); its rule goes on the enclosing object, guarded by `has()`, because the apiserver
+# checks each field's own default against the field's rules and `rlp run`'s default (file://) must stay.
+_MATCH = "x-rlp-match"
+_CLUSTER_MATCH = "x-rlp-cluster-match"
+
+
+def _match_rule(match: dict[str, str], field: str | None = None) -> dict[str, str]:
+    """A `Matches` rule as CEL (on `self`, or on `self.<field>` of an object); its pattern has no quote or
+    backslash, so it needs no escaping."""
+    pattern = match["pattern"]
+    if "'" in pattern or "\\" in pattern:
+        raise ValueError(f"pattern {pattern!r} must not contain quotes or backslashes (it is written into CEL)")
+    if field is None:
+        return {"rule": f"self.matches('{pattern}')", "message": match["message"]}
+    return {"rule": f"!has(self.{field}) || self.{field}.matches('{pattern}')", "message": match["message"],
+            "fieldPath": f".{field}"}  # fmt: skip
 
 
 def _models_by_name(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -173,9 +191,12 @@ class _Converter:
                 props[alias]["default"] = default
             if "default" in props[alias] and props[alias]["default"] is None:
                 del props[alias]["default"]
-        rules = CEL_RULES.get(cls.__name__)
+        rules = copy.deepcopy(CEL_RULES.get(cls.__name__, []))
+        for alias, prop in props.items():
+            if _CLUSTER_MATCH in prop:
+                rules.append(_match_rule(prop.pop(_CLUSTER_MATCH), alias))
         if rules:
-            out["x-kubernetes-validations"] = copy.deepcopy(rules)
+            out["x-kubernetes-validations"] = rules
         return out
 
     def node(self, schema: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +229,9 @@ class _Converter:
         for key, value in schema.items():
             if key in _DROP_KEYS:
                 continue
+            if key == _MATCH:
+                out.setdefault("x-kubernetes-validations", []).append(_match_rule(value))
+                continue
             if key == "properties":
                 out["properties"] = {k: self.node(v) for k, v in value.items()}
             elif key == "items":
@@ -230,6 +254,11 @@ class _Converter:
                 out["additionalProperties"] = self.node(extra)
             else:  # dict[str, Any]
                 out["x-kubernetes-preserve-unknown-fields"] = True
+            key_limit = (schema.get("propertyNames") or {}).get("maxLength")
+            if key_limit is not None:  # OpenAPI has no propertyNames: a CEL rule bounds the keys
+                out.setdefault("x-kubernetes-validations", []).append(
+                    {"rule": f"self.all(k, k.size() <= {key_limit})", "message": f"keys must be at most {key_limit} characters"}
+                )
         if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
             out["x-kubernetes-preserve-unknown-fields"] = True
         return out

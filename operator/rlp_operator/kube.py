@@ -20,6 +20,7 @@ from rlp_core.spec import API_GROUP, API_VERSION
 log = logging.getLogger("rlp_operator.kube")
 
 RUNS = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{{ns}}/rlpruns"
+ALL_RUNS = f"/apis/{API_GROUP}/{API_VERSION}/rlpruns"  # every namespace (list only)
 JOBS = "/apis/batch/v1/namespaces/{ns}/jobs"
 PODS = "/api/v1/namespaces/{ns}/pods"
 SERVICES = "/api/v1/namespaces/{ns}/services"
@@ -142,14 +143,16 @@ class Kube:
                 return False
             raise
 
-    def list(self, collection: str, ns: str, *, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, collection: str, ns: str, *, labels: dict[str, str] | None = None, fields: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in (labels or {}).items()) or None
+        field_selector = ",".join(f"{k}={v}" for k, v in (fields or {}).items()) or None
         items: list[dict[str, Any]] = []
         cont = None
         while True:
-            page = self.request(
-                "GET", collection.format(ns=ns), query={"labelSelector": selector, "limit": 500, "continue": cont}
-            )
+            query = {"labelSelector": selector, "fieldSelector": field_selector, "limit": 500, "continue": cont}
+            page = self.request("GET", collection.format(ns=ns), query=query)
             items += page.get("items", [])
             cont = page.get("metadata", {}).get("continue")
             if not cont:

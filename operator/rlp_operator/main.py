@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a phase's 2nd attempt; doubles per failure")  # fmt: skip
     p.add_argument("--backoff-max", type=float, default=_env_float("RLP_OPERATOR_BACKOFF_MAX", 300.0),
                    help="cap of the retry backoff in seconds")  # fmt: skip
+    p.add_argument("--unschedulable-grace-seconds", type=float,
+                   default=_env_float("RLP_OPERATOR_UNSCHEDULABLE_GRACE_SECONDS", 300.0),
+                   help="report a phase pod on its run once it has been unschedulable this long")  # fmt: skip
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
     return p
 
@@ -80,7 +83,8 @@ async def _resync(queue: WorkQueue, every: float) -> None:
 async def run_operator(args: argparse.Namespace) -> None:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's login reads it too
-    settings = Settings(backoff_base=args.backoff_base, backoff_max=args.backoff_max)
+    settings = Settings(backoff_base=args.backoff_base, backoff_max=args.backoff_max,
+                        unschedulable_grace=args.unschedulable_grace_seconds)  # fmt: skip
     workers = max(args.workers, 1)
     kube = Kube(pool_size=workers + 4)
     metrics = OperatorMetrics()
@@ -121,6 +125,10 @@ async def run_operator(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "uninstall":  # `rlp operator uninstall`: the chart's pre-delete hook
+        from rlp_operator.uninstall import main as uninstall_main
+
+        return uninstall_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:

@@ -19,6 +19,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 from rlp_operator.status import RUN_STATES, RLPRunStatus, parse_time
 
+NEW = "New"  # the state of a run the operator has seen but not yet given a status
+
 # Phases last from seconds (kwok, tiny models) to days (large models).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 
@@ -82,13 +84,20 @@ class OperatorMetrics:
                 if start is not None:
                     running.append((rec.name, str(rec.round), start.timestamp()))
         view = _RunView(
-            state=status.phase or "Pending",
+            state=status.phase or NEW,
             current_phase=status.current_phase or "",
             round="" if status.round is None else str(status.round),
             running=running,
         )
         with self._lock:
             self._runs[(namespace, name)] = view
+
+    def observe_new_run(self, namespace: str, name: str, status: RLPRunStatus) -> None:
+        """Count a run as soon as it is seen (a run whose reconcile keeps failing still counts)."""
+        with self._lock:
+            if (namespace, name) in self._runs:
+                return
+        self.observe_run(namespace, name, status)
 
     def forget_run(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -109,7 +118,7 @@ class _RunCollector:
     def collect(self):
         runs = self.metrics.snapshot()
         by_state = GaugeMetricFamily("rlp_runs", "RLPRuns by state.", labels=["state"])
-        counts = dict.fromkeys(RUN_STATES, 0)
+        counts = dict.fromkeys((NEW, *RUN_STATES), 0)
         for view in runs.values():
             counts[view.state] = counts.get(view.state, 0) + 1
         for state, n in counts.items():

@@ -35,6 +35,7 @@ from typing import Any
 from rlp_core.manifest import Manifest, phase_prefix, verify_manifest
 from rlp_core.spec import API_GROUP, API_VERSION, KIND, RLPRun, SpecError, parse_run
 from rlp_core.store import Store, StoreError
+from rlp_operator import preflight
 from rlp_operator import workload as wl
 from rlp_operator.crd import LOCKED_FIELDS
 from rlp_operator.kube import CONFIGMAPS, EVENTS, JOBS, PODS, RUNS, SECRETS, SERVICES, Kube, KubeError
@@ -51,7 +52,9 @@ from rlp_operator.status import (
 
 log = logging.getLogger("rlp_operator.reconciler")
 
-MAX_MESSAGE = 1024
+MAX_MESSAGE = 1024  # conditions, phase records and Events
+SHORT_MESSAGE = 120  # status.message: the MESSAGE column of `kubectl get rlp` (the full text is in conditions)
+REJECTED = (400, 413, 422)  # the apiserver refuses the object itself: retrying the same request cannot help
 
 
 @dataclasses.dataclass
@@ -61,10 +64,17 @@ class Settings:
     store_cache_seconds: float = 300.0
     stale_job_requeue: float = 2.0
     storage_retry: float = 15.0  # look again this soon when the store cannot be read
+    unschedulable_grace: float = 300.0  # a phase pod unschedulable this long is reported on the run
+    error_backoff: tuple[float, float] = (1.0, 60.0)  # retry of an unexpected reconcile error: base, cap
 
     def backoff(self, failures: int) -> float:
         """Wait before the attempt that follows the `failures`-th failure: base·2^(failures-1), capped."""
         return min(self.backoff_base * (2 ** max(failures - 1, 0)), self.backoff_max)
+
+    @property
+    def workload_check(self) -> float:
+        """How often a Job whose pods do not all run yet is looked at (FailedCreate, Kueue, scheduling)."""
+        return min(max(self.unschedulable_grace / 2, 0.5), 10.0)
 
 
 def _trim(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -121,10 +131,13 @@ class Stores:
         self._cache: dict[tuple, tuple[float, Store]] = {}
         self._lock = threading.Lock()
 
-    def open(self, run: RLPRun) -> Store:
+    def open(self, run: RLPRun, uri: str | None = None) -> Store:
+        """The run's storage root, or the store of another URI (a data file's or model's parent) opened with
+        the same endpoint and credentials, as the run's pods open it."""
         st = run.spec.storage
         ns = run.metadata.namespace
-        key = (ns, st.uri, st.endpoint, st.region, st.secret_ref.name if st.secret_ref else None)
+        uri = uri or st.uri
+        key = (ns, uri, st.endpoint, st.region, st.secret_ref.name if st.secret_ref else None)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
@@ -145,7 +158,7 @@ class Stores:
                     f"storage.secretRef: Secret {ns}/{st.secret_ref.name} lacks key(s) {', '.join(missing)}"
                 )
             access, secret = (base64.b64decode(data[k]).decode() for k in wl.SECRET_KEYS)
-        store = Store.from_uri(st.uri, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret)
+        store = Store.from_uri(uri, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret)
         with self._lock:
             self._cache[key] = (now, store)
         return store
@@ -257,6 +270,8 @@ class _Step:
     changed: bool = False
     requeue: float | None = None
     after: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    # (reason, message) of what keeps the run from going on (Ready=False), e.g. a Job the apiserver refused
+    problem: tuple[str, str] | None = None
 
     def event(self, rec: Reconciler, type_: str, reason: str, message: str) -> None:
         body = self.body
@@ -311,6 +326,7 @@ class Reconciler:
         self.events = events or EventRecorder(kube)
         self.clock = clock
         self.own_writes: dict[tuple[str, str], str] = {}  # resourceVersion of our last status write
+        self._errors: dict[tuple[str, str], int] = {}  # consecutive unexpected errors per run (retry backoff)
         self._configmaps: dict[tuple[str, str], str] = {}  # (uid, generation) -> namespace/name ensured
 
     # ---- entry point ------------------------------------------------------------------------------
@@ -320,11 +336,12 @@ class Reconciler:
         if body is None:
             self.metrics.forget_run(namespace, name)
             self.own_writes.pop((namespace, name), None)
+            self._errors.pop((namespace, name), None)
             return None
         if body["metadata"].get("deletionTimestamp"):
             return self._finalize(body)
-        if wl.FINALIZER not in (body["metadata"].get("finalizers") or []):
-            body = self._add_finalizer(body)
+        if (wl.FINALIZER in (body["metadata"].get("finalizers") or [])) != wl.needs_finalizer(body):
+            body = self._set_finalizer(body, wl.needs_finalizer(body))
         step = _Step(body=body, status=RLPRunStatus.from_body(body), now=self.clock())
         try:
             run = parse_run(
@@ -341,26 +358,45 @@ class Reconciler:
             return self._commit(step, None)
         spec_hash = locked_hash(run)  # of the run as written, not of the install's defaults
         run = self.defaults.apply(run)
+        key = (namespace, name)
+        # Errors leave the decisions taken before them in this step (they are real) and are shown on the
+        # run: never a run with an empty or stale status while the operator log has the reason.
         try:
             self._advance(step, run, spec_hash)
+            self._errors.pop(key, None)
         except (StorageCredentialsError, StoreError) as e:
-            # The store is unreachable or the credentials are wrong: say so on the run and look again
-            # later. Decisions taken before the error in this step are real and are kept.
+            # The store is unreachable, the bucket or Secret missing, the credentials wrong: the user can
+            # fix it; say so on the run and look again later.
             self.metrics.error("store")
-            self._storage_unavailable(step, str(e))
+            self._not_ready(step, "StorageUnavailable", f"storage: {e}", self.settings.storage_retry)
+        except Exception as e:  # a bug or an apiserver hiccup: retried with backoff, and said so on the run
+            n = self._errors[key] = self._errors.get(key, 0) + 1
+            base, cap = self.settings.error_backoff
+            delay = min(base * 2 ** (n - 1), cap)
+            self.metrics.error("reconcile")
+            log.error("reconcile failed (retry in %gs): %s: %s", delay, type(e).__name__, e,
+                      extra={"namespace": namespace, "run": name}, exc_info=not isinstance(e, (OSError, KubeError)))  # fmt: skip
+            self._not_ready(step, "ReconcileError", f"{type(e).__name__}: {e} (retry {n} in {delay:g}s)", delay)
         return self._commit(step, run)
 
-    def _storage_unavailable(self, step: _Step, message: str) -> None:
+    def _not_ready(self, step: _Step, reason: str, text: str, retry: float | None) -> None:
+        """Ready=False with `reason`, the text as the run's message, an Event when it is news; look again
+        after `retry` seconds (None: when the run changes)."""
         st = step.status
-        text = _trim(f"cannot check phase outputs in the store: {message}")
-        if st.message != text:
-            st.message = text
-            step.changed = True
-            step.event(self, "Warning", "StorageUnavailable", text)
+        text = _trim(text)
         gen = step.body["metadata"].get("generation")
-        if st.set_condition("Ready", "False", "StorageUnavailable", text, fmt_time(step.now), gen):
+        ready = st.condition("Ready")
+        news = ready is None or (ready.reason, ready.message) != (reason, text)
+        if st.set_condition("Ready", "False", reason, text, fmt_time(step.now), gen):
             step.changed = True
-        step.wake(self.settings.storage_retry)
+        if news:
+            step.event(self, "Warning", reason, text)
+        short = _trim(text, SHORT_MESSAGE)
+        if st.message != short:
+            st.message = short
+            step.changed = True
+        if retry is not None:
+            step.wake(retry)
 
     # ---- the state machine ------------------------------------------------------------------------
     def _advance(self, step: _Step, run: RLPRun, spec_hash: str) -> None:
@@ -391,6 +427,8 @@ class Reconciler:
         if st.observed_generation != gen:
             st.observed_generation = gen
             step.changed = True
+        if not self._preflight(step, run):
+            return
 
         was = st.phase
         for _ in range(len(st.phases) + 2):
@@ -405,6 +443,28 @@ class Reconciler:
             if not self._start_or_wait(step, run, rec):
                 break
         self._summarize(step, run, was)
+
+    def _preflight(self, step: _Step, run: RLPRun) -> bool:
+        """Before the run's first Job: storage, data and models checked (`preflight.check_run`), once.
+
+        False when the run failed it. Storage errors propagate: the run waits (StorageUnavailable) and the
+        check is done again, since a user can create a bucket or a Secret and the run should then go on.
+        """
+        st = step.status
+        done = st.condition(preflight.CONDITION)
+        if (done is not None and done.status == "True") or run.spec.suspend or any(r.attempts for r in st.phases):
+            return True
+        now, gen = fmt_time(step.now), step.body["metadata"].get("generation")
+        try:
+            summary = preflight.check_run(run, lambda uri=None: self.stores.open(run, uri))
+        except preflight.PreflightFailed as e:
+            st.set_condition(preflight.CONDITION, "False", e.reason, _trim(str(e)), now, gen)
+            self._fail_run(step, e.reason, str(e))
+            return False
+        st.set_condition(preflight.CONDITION, "True", "PreflightPassed", summary, now, gen)
+        step.changed = True
+        step.event(self, "Normal", "Validated", summary)
+        return True
 
     def _init_plan(self, step: _Step, run: RLPRun, spec_hash: str) -> None:
         st = step.status
@@ -462,6 +522,7 @@ class Reconciler:
             if run.spec.suspend:
                 self._interrupt(step, run, rec, f"Job {rec.job} deleted")
                 return False
+            self._watch_start(step, run, job)
             return False
         started = parse_time(job["metadata"].get("creationTimestamp"))
         duration = ((finished or step.now) - started).total_seconds() if started else None
@@ -480,6 +541,42 @@ class Reconciler:
             return True
         detail = self._failure_detail(ns, rec.job) or message
         return self._attempt_failed(step, run, rec, reason or "JobFailed", f"Job {rec.job} failed: {detail}", duration)
+
+    def _watch_start(self, step: _Step, run: RLPRun, job: dict[str, Any]) -> None:
+        """A Job whose pods do not all run yet: look again soon, and say on the run what holds it back.
+
+        What the Job controller, Kueue and the scheduler know only show on the Job (events, `suspend`) and
+        its pods (`PodScheduled`): a missing ServiceAccount or PriorityClass, a queue that does not admit
+        it, GPUs that never free up. Nothing is failed here: each can be fixed while the Job waits.
+        """
+        spec, status = job.get("spec") or {}, job.get("status") or {}
+        want = spec.get("parallelism") or 1
+        if not spec.get("suspend") and (status.get("ready") or 0) >= want:
+            return
+        step.wake(self.settings.workload_check)
+        ns, name = run.metadata.namespace, job["metadata"]["name"]
+        if spec.get("suspend"):
+            queue = run.spec.resources.queue
+            where = f"LocalQueue {queue!r}: check that it exists in {ns} and its ClusterQueue has quota" if queue else "its queue"
+            step.problem = ("WaitingForAdmission", f"Job {name} is suspended until Kueue admits it from {where}")
+            return
+        pods = [p for p in self.kube.list(PODS, ns, labels={"batch.kubernetes.io/job-name": name})
+                if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        if len(pods) < want:
+            events = self.kube.list(EVENTS, ns, fields={"involvedObject.uid": job["metadata"]["uid"], "reason": "FailedCreate"})
+            if events:
+                last = max(events, key=lambda e: int(e["metadata"].get("resourceVersion") or 0))
+                step.problem = ("FailedCreate", f"Job {name} cannot create its pods: {last.get('message', '')}")
+                return
+        for pod in pods:
+            for cond in (pod.get("status") or {}).get("conditions") or []:
+                if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+                    since = parse_time(cond.get("lastTransitionTime")) or step.now
+                    waited = (step.now - since).total_seconds()
+                    if waited >= self.settings.unschedulable_grace:
+                        step.problem = ("Unschedulable", f"pod {pod['metadata']['name']} of Job {name} unschedulable "
+                                                         f"for {waited:.0f}s: {cond.get('message', '')}")  # fmt: skip
+                        return
 
     def _failure_detail(self, ns: str, job: str) -> str:
         """'pod X exited with code N (Reason): message' for the first failed container, if any."""
@@ -600,10 +697,27 @@ class Reconciler:
             return False
         job_body, service = wl.render_job(run, rec.round, rec.name, attempt, owner, annotations)
         job = job_body["metadata"]["name"]
-        self._ensure_configmap(run, owner, step.body["metadata"].get("generation"))
-        if service is not None:
-            create_or_get(self.kube, SERVICES, ns, service)
-        created, existing = create_or_get(self.kube, JOBS, ns, job_body)
+        try:
+            self._ensure_configmap(run, owner, step.body["metadata"].get("generation"))
+        except KubeError as e:
+            if e.status not in REJECTED:
+                raise
+            # the spec itself does not fit (a ConfigMap holds at most 1 MiB): no retry can help
+            self._transition(step, rec, "Failed", "SpecTooLarge" if e.status == 413 or "Too long" in e.message
+                             else "SpecRejected", f"the run's spec ConfigMap was refused by the apiserver: {e.message}")  # fmt: skip
+            return False
+        try:
+            if service is not None:
+                create_or_get(self.kube, SERVICES, ns, service)
+            created, existing = create_or_get(self.kube, JOBS, ns, job_body)
+        except KubeError as e:
+            if e.status not in REJECTED:
+                raise
+            # Rendered from spec.resources, spec.phases and the pod-annotations annotation, which may change
+            # mid-run: the run waits for the fix (a change reconciles it again) instead of retrying forever.
+            step.problem = ("JobRejected", f"Job {job} was refused by the apiserver: {e.message}; fix "
+                            f"spec.resources, spec.phases or {wl.ANNOTATION_POD_ANNOTATIONS} and the run continues")  # fmt: skip
+            return False
         if not created and (existing is None or not _owned_by(existing, uid)):
             step.wake(self.settings.stale_job_requeue)  # an old run's Job of that name is being deleted
             return False
@@ -616,6 +730,7 @@ class Reconciler:
         rec.next_attempt_at = None
         verb = "adopted existing" if adopted else "created"
         self._transition(step, rec, "Running", "JobCreated", f"attempt {attempt}: {verb} Job {job}")
+        step.wake(self.settings.workload_check)  # watch the Job start (`_watch_start`)
         phase, round_ = rec.name, rec.round
         if retry:
             step.after.append(lambda: self.metrics.retry(phase))
@@ -657,11 +772,11 @@ class Reconciler:
             st.finished_at = st.finished_at or now
             done = sum(r.state == "Succeeded" for r in st.phases)
             skipped = sum(r.state == "Skipped" for r in st.phases)
-            st.message = f"all {done} phases succeeded" + (f" ({skipped} skipped)" if skipped else "")
-            self._conditions(step, ready=("True", "Succeeded"), running=("False", "Succeeded"),
+            text = f"all {done} phases succeeded" + (f" ({skipped} skipped)" if skipped else "")
+            self._conditions(step, text, ready=("True", "Succeeded"), running=("False", "Succeeded"),
                              succeeded=("True", "Succeeded"), failed=("False", "Succeeded"))  # fmt: skip
             if was != "Succeeded":
-                step.event(self, "Normal", "Succeeded", f"run succeeded: {st.message}")
+                step.event(self, "Normal", "Succeeded", f"run succeeded: {text}")
                 self._after_finished(step, run)
             step.changed = True
             return
@@ -669,41 +784,50 @@ class Reconciler:
         st.round = current.round
         if run.spec.suspend:
             st.phase = "Suspended"
-            st.message = f"suspended before {current.name} (round {current.round})"
-            self._conditions(step, ready=("False", "Suspended"), running=("False", "Suspended"),
+            text = f"suspended before {current.name} (round {current.round})"
+            self._conditions(step, text, ready=("False", "Suspended"), running=("False", "Suspended"),
                              succeeded=("False", "Suspended"), failed=("False", "Suspended"),
                              suspended=("True", "Suspended"))  # fmt: skip
             if was != "Suspended":
                 step.event(self, "Normal", "Suspended", f"run suspended at {current.name} (round {current.round})")
             step.changed = True
             return
+        where = f"{current.name} (round {current.round})"
         if current.state == "Running":
             st.phase = "Running"
-            st.message = f"{current.name} (round {current.round}) attempt {current.attempts}: Job {current.job}"
+            text = f"{where} attempt {current.attempts}: Job {current.job}"
         elif current.next_attempt_at:
             st.phase = "Running"
-            st.message = f"{current.name} (round {current.round}): {current.message}"
+            text = f"{where}: {current.message}"
         else:
             st.phase = st.phase if st.phase in ("Running",) else "Pending"
-            st.message = f"{current.name} (round {current.round}) pending"
+            text = f"{where} pending"
+        ready = ("Unknown", "Progressing")
+        if step.problem is not None:
+            reason, problem = step.problem
+            text, ready = f"{where}: {problem}", ("False", reason)
+            last = st.condition("Ready")
+            if last is None or (last.reason, last.message) != (reason, _trim(text)):
+                step.event(self, "Warning", reason, text)
         if was == "Suspended":
             step.event(self, "Normal", "Resumed", f"run resumed at {current.name} (round {current.round})")
         elif was in (None, "Pending") and st.phase == "Running":
             step.event(self, "Normal", "Started", f"run started: {current.name} (round {current.round})")
         reason = "PhaseRunning" if current.state == "Running" else ("BackingOff" if current.next_attempt_at else "Pending")
-        self._conditions(step, ready=("Unknown", "Progressing"), running=("True", reason),
+        self._conditions(step, text, ready=ready, running=("True", reason),
                          succeeded=("False", "Running"), failed=("False", "Running"),
                          suspended=("False", "Resumed" if was == "Suspended" else "NotSuspended"))  # fmt: skip
         step.changed = step.changed or st.phase != was
 
-    def _conditions(self, step: _Step, **conds: tuple[str, str]) -> None:
+    def _conditions(self, step: _Step, text: str, **conds: tuple[str, str]) -> None:
+        """Set the run's message (short: a printer column) and conditions (with the full `text`)."""
         st = step.status
         now = fmt_time(step.now)
         gen = step.body["metadata"].get("generation")
+        st.message = _trim(text, SHORT_MESSAGE)
+        message = _trim(text)
         for key, (status, reason) in conds.items():
-            type_ = key.capitalize()
-            message = st.message or ""
-            if st.set_condition(type_, status, reason, message, now, gen):
+            if st.set_condition(key.capitalize(), status, reason, message, now, gen):
                 step.changed = True
 
     def _fail_run(self, step: _Step, reason: str, message: str) -> None:
@@ -711,18 +835,17 @@ class Reconciler:
         was = st.phase
         st.phase = "Failed"
         st.finished_at = st.finished_at or fmt_time(step.now)
-        st.message = _trim(message)
         failed = next((r for r in st.phases if r.state == "Failed"), None)
         if failed:
             st.current_phase, st.round = failed.name, failed.round
-        self._conditions(step, ready=("False", reason), running=("False", reason),
+        self._conditions(step, message, ready=("False", reason), running=("False", reason),
                          succeeded=("False", reason), failed=("True", reason))  # fmt: skip
         sus = st.condition("Suspended")
         if sus is not None and sus.status == "True":
-            st.set_condition("Suspended", "False", reason, st.message, fmt_time(step.now), sus.observed_generation)
+            st.set_condition("Suspended", "False", reason, _trim(message), fmt_time(step.now), sus.observed_generation)
         step.changed = True
         if was != "Failed":
-            step.event(self, "Warning", "Failed", f"run failed ({reason}): {st.message}")
+            step.event(self, "Warning", "Failed", f"run failed ({reason}): {message}")
 
     def _after_finished(self, step: _Step, run: RLPRun) -> None:
         ttl = run.spec.ttl_seconds_after_finished
@@ -763,9 +886,11 @@ class Reconciler:
         self.metrics.observe_run(ns, name, step.status)
         return step.requeue
 
-    def _add_finalizer(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _set_finalizer(self, body: dict[str, Any], present: bool) -> dict[str, Any]:
+        """Add or remove `rlp.dev/cleanup` (see `workload.needs_finalizer`); runs of older operators had it
+        whether or not they needed it."""
         meta = body["metadata"]
-        finalizers = list(meta.get("finalizers") or []) + [wl.FINALIZER]
+        finalizers = [f for f in meta.get("finalizers") or [] if f != wl.FINALIZER] + ([wl.FINALIZER] if present else [])
         return self.kube.merge_patch(
             RUNS,
             meta["namespace"],
@@ -788,8 +913,7 @@ class Reconciler:
                 ):
                     removed += 1
         message = f"deleted {removed} workload object(s)"
-        annotations = meta.get("annotations") or {}
-        if annotations.get(wl.ANNOTATION_DELETE_CHECKPOINTS, "").lower() == "true":
+        if wl.needs_finalizer(body):
             try:
                 run = parse_run({"metadata": {"name": name, "namespace": ns}, "spec": body.get("spec") or {}})
                 count = self.stores.delete_run_outputs(self.defaults.apply(run))

@@ -24,6 +24,7 @@ from rlp_core.spec import API_GROUP, API_VERSION
 from rlp_operator import workload as wl
 from rlp_operator.metrics import OperatorMetrics
 from rlp_operator.reconciler import Reconciler
+from rlp_operator.status import RLPRunStatus
 
 log = logging.getLogger("rlp_operator.runtime")
 
@@ -171,6 +172,7 @@ def build_registry(queue: WorkQueue, reconciler: Reconciler, metrics: OperatorMe
                 reconciler.own_writes.pop(key, None)
                 return
             queue.known.add(key)
+            metrics.observe_new_run(namespace, name, RLPRunStatus.from_body(body))
             rv = body.get("metadata", {}).get("resourceVersion")
             if rv is not None and reconciler.own_writes.get(key) == rv:
                 return  # the echo of our own status write

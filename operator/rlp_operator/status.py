@@ -19,7 +19,7 @@ RUN_STATES: tuple[str, ...] = ("Pending", "Running", "Succeeded", "Failed", "Sus
 PHASE_STATES: tuple[str, ...] = ("Pending", "Running", "Succeeded", "Failed", "Skipped")
 TERMINAL_RUN_STATES = ("Succeeded", "Failed")
 DONE_PHASE_STATES = ("Succeeded", "Skipped")
-CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Ready", "Validated", "Running", "Succeeded", "Failed", "Suspended")
 
 
 class _StatusModel(BaseModel):
@@ -33,7 +33,7 @@ class _StatusModel(BaseModel):
 class Condition(_StatusModel):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: str = Field(..., description="Ready, Running, Succeeded, Failed or Suspended.")
+    type: str = Field(..., description="Ready, Validated (the preflight), Running, Succeeded, Failed or Suspended.")
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(..., description="CamelCase machine-readable reason of the last transition.")
     message: str = Field("", description="Human-readable detail.")
@@ -78,7 +78,7 @@ class RLPRunStatus(_StatusModel):
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RLPRunStatus:
-        return cls.model_validate(body.get("status") or {})
+        return cls.model_validate(dict(body.get("status") or {}))
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -87,6 +87,18 @@ class JobDefaults:
         return run.model_copy(update={"spec": new_spec})
 
 
+def needs_finalizer(run_body: dict[str, Any]) -> bool:
+    """Only a run whose stored outputs are to be deleted with it holds a finalizer (`FINALIZER`).
+
+    Its Jobs, Services and ConfigMap carry an owner reference to it, so Kubernetes' garbage collector
+    deletes them with the run, operator or not: an uninstalled or stopped operator cannot hold up
+    `kubectl delete` or a namespace's deletion, except for runs that ask for their checkpoints to be
+    deleted (docs/operator.md says how to release those by hand).
+    """
+    annotations = run_body.get("metadata", {}).get("annotations") or {}
+    return annotations.get(ANNOTATION_DELETE_CHECKPOINTS, "").lower() == "true"
+
+
 def _short_hash(text: str, n: int = 6) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 

@@ -76,3 +76,15 @@ app.kubernetes.io/part-of: rlp
 {{- define "rlp-operator.peering" -}}
 {{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
+
+{{- /* Fails the install when a monitoring object is asked for but the cluster does not serve its kind
+(the Prometheus Operator's CRDs are missing): helm's own error would only be "no matches for kind".
+Checked only against a cluster (`lookup` finds the default namespace): `helm template` and `helm lint`
+know no cluster's APIs. Usage: include "rlp-operator.requireMonitoringKind" (list . "ServiceMonitor") */}}
+{{- define "rlp-operator.requireMonitoringKind" -}}
+{{- $ctx := index . 0 }}
+{{- $kind := index . 1 }}
+{{- if and (lookup "v1" "Namespace" "" "default") (not ($ctx.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind))) }}
+{{- fail (printf "%s is enabled but this cluster does not serve monitoring.coreos.com/v1 %s: install the Prometheus Operator's CRDs first (e.g. the kube-prometheus-stack chart), or turn the value off; see docs/install.md#monitoring" $kind $kind) }}
+{{- end }}
+{{- end }}
