@@ -118,9 +118,13 @@ if [[ $BUILDER != docker ]]; then
     BUILD_FLAGS=(--format docker --pull=never --layers ${RUNTIME:+--runtime "$RUNTIME"})
 fi
 
-image_id() { "$BUILDER" inspect --type image --format '{{.Id}}' "$1" 2>/dev/null || true; }
+# buildah's inspect describes an image by its builder fields, docker's and podman's by the image's own
+ID_FIELD=.Id
+CONFIG_FIELD=.Config
+[[ $BUILDER == buildah ]] && ID_FIELD=.FromImageID CONFIG_FIELD=.OCIv1.Config
+image_id() { "$BUILDER" inspect --type image --format "{{$ID_FIELD}}" "$1" 2>/dev/null || true; }
 image_label() {
-    "$BUILDER" inspect --type image --format "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true
+    "$BUILDER" inspect --type image --format "{{index $CONFIG_FIELD.Labels \"$2\"}}" "$1" 2>/dev/null || true
 }
 image_size() {
     if [[ $BUILDER == buildah ]]; then
