@@ -433,13 +433,14 @@ def plot(rows: list[dict[str, Any]], table: list[dict[str, Any]], path: Path, se
         ns = [b["n"] for b in sft[0]["best_of_n"]]
         ys = [statistics.fmean(r["best_of_n"][i][key] for r in sft) for i in range(len(ns))]
         ax_kl.plot([sft[0]["best_of_n"][i]["kl"] for i in range(len(ns))], ys, style, marker="o", ms=3, label=name)
-    for label in [t["label"] for t in table if t["label"] != "SFT"]:
+    colors = plt.cm.tab20.colors
+    for index, label in enumerate([t["label"] for t in table if t["label"] != "SFT"]):
         curves = [r["curve"] for r in rows if r["label"] == label]
         points = min(len(c) for c in curves)
         kl = [statistics.fmean(c[i]["kl"] for c in curves) for i in range(points)]
         gold = [statistics.fmean(c[i]["gold"] for c in curves) for i in range(points)]
         steps = [curves[0][i]["step"] for i in range(points)]
-        line = ax_kl.plot(kl, gold, marker="o", ms=3, label=label)[0]
+        line = ax_kl.plot(kl, gold, marker="o", ms=3, color=colors[(2 * index) % 20 + (2 * index) // 20], label=label)[0]
         ax_step.plot(steps, gold, marker="o", ms=3, color=line.get_color(), label=label)
         accs = [[c[i].get("rm_accuracy", math.nan) for c in curves] for i in range(points)]
         acc = [statistics.fmean(a) if not any(math.isnan(x) for x in a) else math.nan for a in accs]
@@ -458,7 +459,8 @@ def plot(rows: list[dict[str, Any]], table: list[dict[str, Any]], path: Path, se
     plt.close(fig)
 
 
-def report_markdown(setting: Setting, table: list[dict[str, Any]], rows: list[dict[str, Any]], minutes: float) -> str:
+def report_markdown(setting: Setting, table: list[dict[str, Any]], rows: list[dict[str, Any]], minutes: float,
+                    notes: str = "") -> str:
     sft = [r for r in rows if r["label"] == "SFT"]
     lines = [
         "# Reward-learning benchmark: gold score against KL (built-in addition task)", "",
@@ -490,16 +492,20 @@ def report_markdown(setting: Setting, table: list[dict[str, Any]], rows: list[di
               f"Per seed (every method of a seed shares its SFT policy and fixed RM), against {FIXED.format(setting.kl_coef)}, "
               "then against SFT:", ""]
     lines += findings(rows, setting)
+    if notes:
+        lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
 
 
-def dump(rows: list[dict[str, Any]], setting: Setting, out: Path, minutes: float, suffix: str = "") -> None:
+def dump(rows: list[dict[str, Any]], setting: Setting, out: Path, minutes: float, suffix: str = "",
+         notes: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"reward-learning{suffix}"
     (out / f"{stem}.json").write_text(json.dumps({"setting": asdict(setting), "minutes": minutes, "rows": rows}, indent=1))
     table = summarize(rows)
     plot(rows, table, out / f"{stem}.png", setting)
-    (out / f"{stem}.md").write_text(report_markdown(setting, table, rows, minutes).replace("reward-learning.png", f"{stem}.png"))
+    text = report_markdown(setting, table, rows, minutes, notes.read_text() if notes and notes.exists() else "")
+    (out / f"{stem}.md").write_text(text.replace("reward-learning.png", f"{stem}.png"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,11 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--suffix", default="", help="report file name suffix, e.g. -small-rm")
     parser.add_argument("--from-json", type=Path, help="only redraw the report from a results JSON")
+    parser.add_argument("--notes", type=Path, help="a hand-written analysis of the run, appended to the report")
     args = parser.parse_args(argv)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         setting = Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["setting"].items()})
-        dump(saved["rows"], setting, args.out, saved["minutes"], args.suffix)
+        dump(saved["rows"], setting, args.out, saved["minutes"], args.suffix, args.notes)
         return 0
     setting = SETTINGS[args.setting]
     if args.seeds:

@@ -6,7 +6,8 @@ It sits below `rlp_core.pipeline` and the strategies, so neither imports the oth
 
 from __future__ import annotations
 
-import shutil
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,29 +15,26 @@ from typing import Any
 
 import torch
 
+from rlp_core import gym_tasks
 from rlp_core.data import DataError, PreferencePair, Record, Sample, load_records, split_held_out
-from rlp_core.manifest import fetch_phase_output, phase_prefix
-from rlp_core.models import default_device, load_reward_model, load_tokenizer
+from rlp_core.hub import HF_SCHEME, PACKAGED_SCHEME, ModelSourceError, check_model_dir, fetch_hf
+from rlp_core.judges import programmatic_judge
+from rlp_core.manifest import Manifest
+from rlp_core.models import default_device, load_reward_model, load_tokenizer, with_lora
+from rlp_core.pretrained import ModelSetupError, fetch_model
+from rlp_core.provenance import POLICY_PRODUCERS, RM_PRODUCERS, Provenance, latest_producer, output_key
 from rlp_core.spec import RLPRun, Storage
-from rlp_core.store import Store
+from rlp_core.store import IntegrityError, Store, sha256_file
 from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss
-from rlp_core.tasks import gold_judge
 from rlp_core.telemetry import PhaseTelemetry
 
 POLICY_DIR, RM_DIR, SAMPLES_FILE, HISTORY_FILE = "policy", "reward_model", "samples.jsonl", "history.jsonl"
-POLICY_PRODUCERS = ("optimize", "sft")
-RM_PRODUCERS = ("synthesize", "refine", "reward")
-
-
-def store_for_uri(storage: Storage, uri: str) -> Store:
-    """A store rooted at a user-given URI, with the run's endpoint and region."""
-    return Store.from_uri(uri, endpoint=storage.endpoint, region=storage.region)
 
 
 def read_uri(storage: Storage, uri: str) -> bytes:
     """The bytes of one object named by a full URI (a data file given in the spec)."""
     parent, _, name = uri.rstrip("/").rpartition("/")
-    return store_for_uri(storage, parent).get_bytes(name)
+    return storage.open(parent).get_bytes(name)
 
 
 # (trainer, step stats) -> None: an observer of the optimize phase's steps
@@ -45,6 +43,15 @@ StepCallback = Callable[[Any, dict[str, float]], None]
 
 class PhaseError(RuntimeError):
     """A phase cannot run (missing input, bad data); the message says what to fix."""
+
+
+def cached_copy_is_intact(local: Path, manifest: Manifest) -> bool:
+    """Every file of the manifest is in `local` with its size and sha256."""
+    for f in manifest.files:
+        path = local / f.path
+        if not path.is_file() or path.stat().st_size != f.size or sha256_file(path) != f.sha256:
+            return False
+    return True
 
 
 @dataclass
@@ -58,6 +65,14 @@ class PhaseContext:
     telemetry: PhaseTelemetry
     device: torch.device = field(default_factory=default_device)
     step_callback: StepCallback | None = None  # called by optimize after each step (benchmarks, probes)
+    provenance: Provenance | None = None
+    out_store: Store | None = None  # where this phase's output goes (its checkpoints too)
+    model_revisions: dict[str, str] = field(default_factory=dict)  # hf:// URI -> commit, for the manifest
+    _verified: set[Path] = field(default_factory=set, init=False, repr=False)  # cache entries checked by this phase
+
+    def __post_init__(self) -> None:
+        self.provenance = self.provenance or Provenance(self.run, self.root)
+        self.out_store = self.out_store or self.provenance.canonical(self.round, self.phase)
 
     @property
     def spec(self):
@@ -65,38 +80,83 @@ class PhaseContext:
 
     @property
     def max_length(self) -> int:
-        return self.spec.policy.sft.tiny.max_positions
+        """Longest prompt+response: the tiny model's positions, or the run's own length settings."""
+        spec = self.spec
+        if spec.policy.model is None:
+            return spec.policy.sft.tiny.max_positions
+        return spec.policy.max_prompt_tokens + max(
+            spec.generation.max_new_tokens, spec.optimization.max_new_tokens, spec.evaluation.max_new_tokens)
 
-    def store_of(self, round: int, phase: str) -> Store:
-        return self.root.child(phase_prefix(self.run.metadata.namespace, self.run.metadata.name, round, phase))
+    def tokenizer(self, path: Path):
+        """The tokenizer of a model directory, with the run's chat-template setting."""
+        try:
+            return load_tokenizer(path, self.spec.policy.chat_template)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise PhaseError(f"spec.policy.model / spec.rewardModel.model: {err}") from None
+
+    def check_fits(self, tokenizer, prompts: list[str], max_new_tokens: int, field: str) -> None:
+        """PhaseError when the longest prompt plus `max_new_tokens` exceeds the tiny model's positions."""
+        if self.spec.policy.model is not None or not prompts:
+            return
+        longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        if longest + max_new_tokens > self.max_length:
+            raise PhaseError(f"the longest prompt has {longest} tokens and spec.{field} is {max_new_tokens}: more than "
+                             f"spec.policy.sft.tiny.maxPositions ({self.max_length}); raise maxPositions to at least "
+                             f"{longest + max_new_tokens} or lower {field}")
 
     def fetch(self, round: int, phase: str) -> Path:
-        """Local, verified copy of a complete phase output (downloaded once per cache)."""
-        local = self.cache_dir / self.run.metadata.namespace / self.run.metadata.name / f"round-{round}" / phase
-        marker = local / ".complete"
-        if not marker.exists():
-            if local.exists():
-                shutil.rmtree(local)
-            fetch_phase_output(self.store_of(round, phase), local)
-            marker.touch()
+        """Local copy of the complete output of (round, phase) for this spec, sha256-verified.
+
+        The cache is keyed by the output's store URI and its manifest's digest, and checked against the
+        manifest on every use, so another run's, another store's or a damaged copy is never used.
+        """
+        loc = self.provenance.locate(round, phase)
+        if loc.manifest is None:
+            problem = loc.problem or ("made under a different spec or from other inputs: " + loc.changes()
+                                      if loc.conflict else "not there yet")
+            raise PhaseError(f"input {output_key(round, phase)} of {output_key(self.round, self.phase)} is not "
+                             f"usable ({problem}); run (or redo) phase {phase} of round {round} first")
+        store_key = hashlib.sha256(loc.store.url().encode()).hexdigest()[:16]
+        local = self.cache_dir / "outputs" / f"{store_key}-{loc.manifest.digest[:16]}"
+        if local not in self._verified and not cached_copy_is_intact(local, loc.manifest):
+            try:
+                loc.store.download_dir("", local, loc.manifest.entries())
+            except IntegrityError as err:
+                raise PhaseError(f"{err} Find every damaged output with `rlp verify`; redo this one with "
+                                 f"`rlp run SPEC --redo {output_key(round, phase)}`") from None
+        self._verified.add(local)
         return local
 
-    def fetch_uri(self, uri: str) -> Path:
-        """A user-given model directory: a local path as is, a store URI downloaded into the cache."""
-        if "://" not in uri or uri.startswith("file://"):
-            path = Path(uri.removeprefix("file://"))
-            if not (path / "config.json").exists():
-                raise PhaseError(f"{uri}: not a model directory (no config.json); give a save_pretrained directory")
-            return path
-        store = self.store_for_uri(uri)
-        local = self.cache_dir / "models" / uri.replace("://", "/").strip("/")
-        if not (local / ".complete").exists():
-            store.download_dir("", local, store.list())
-            (local / ".complete").touch()
-        return local
+    def fetch_uri(self, uri: str, field: str = "spec.policy.model") -> Path:
+        """A user-given model directory, checked to load: a local path as is, a store URI downloaded into the
+        cache, hf:// through huggingface_hub (its commit recorded in `model_revisions`), packaged:// converted
+        once from the package's weights.
 
-    def store_for_uri(self, uri: str) -> Store:
-        return store_for_uri(self.spec.storage, uri)
+        A store URI's cache key is the URI and its file listing, so a model uploaded (or replaced) there
+        later is fetched again; an empty prefix is an error, never an empty cached model.
+        """
+        try:
+            if "://" not in uri or uri.startswith("file://"):
+                local = Path(uri.removeprefix("file://")).expanduser()
+            elif uri.startswith(HF_SCHEME):
+                local, self.model_revisions[uri] = fetch_hf(uri, field, self.cache_dir / "huggingface",
+                                                            self.spec.hub.endpoint)
+            elif uri.startswith(PACKAGED_SCHEME):
+                local = fetch_model(uri.removeprefix(PACKAGED_SCHEME))
+            else:
+                store = self.spec.storage.open(uri)
+                files = store.list()
+                if not any(f.path == "config.json" for f in files):
+                    found = f"{len(files)} files, none named config.json" if files else "nothing there"
+                    raise PhaseError(f"{field}: {uri}: not a model directory ({found}); upload a save_pretrained "
+                                     "directory (config.json, model.safetensors, tokenizer files) to that prefix")
+                listing = json.dumps([(f.path, f.size) for f in files])
+                local = self.cache_dir / "models" / hashlib.sha256(f"{uri}\n{listing}".encode()).hexdigest()[:24]
+                if not local.is_dir():
+                    store.download_dir("", local, files)  # lands complete or not at all
+            return check_model_dir(local, field, uri)
+        except (ModelSourceError, ModelSetupError) as err:
+            raise PhaseError(str(err)) from None
 
     def records(self, uri: str, record: type[Record]) -> list:
         try:
@@ -106,12 +166,7 @@ class PhaseContext:
 
     # --- which model a phase starts from ----------------------------------------------------------
     def _latest(self, producers: tuple[str, ...]) -> tuple[int, str] | None:
-        plan = self.spec.phase_plan()
-        here = plan.index((self.round, self.phase))
-        for round, phase in reversed(plan[:here]):
-            if phase in producers and self.spec.phase_enabled(phase):
-                return round, phase
-        return None
+        return latest_producer(self.spec, self.round, self.phase, producers)
 
     def start_policy_dir(self) -> Path:
         if self.spec.policy.model is not None:
@@ -127,7 +182,7 @@ class PhaseContext:
         if latest is None:
             if self.spec.reward_model.model is None:
                 raise PhaseError("no reward model: set spec.rewardModel.model or let the reward phase run")
-            return self.fetch_uri(self.spec.reward_model.model)
+            return self.fetch_uri(self.spec.reward_model.model, "spec.rewardModel.model")
         return self.fetch(*latest) / RM_DIR
 
     def samples(self) -> list[Sample]:
@@ -139,8 +194,12 @@ class PhaseContext:
         return split_held_out(pairs, self.spec.reward_model.held_out_fraction, self.spec.seed)
 
     def gold(self) -> Callable[[str, str], float] | None:
-        judge = self.spec.evaluation.judge
-        return gold_judge(judge) if judge.startswith("builtin://") else None
+        spec = self.spec
+        if spec.evaluation.judge.startswith(gym_tasks.SCHEME):  # its judge reads the entries the data sources make
+            for uri in (spec.prompts, spec.evaluation.prompts, spec.reward_model.human_preferences):
+                if uri.startswith(gym_tasks.SCHEME):
+                    gym_tasks.records(uri)
+        return programmatic_judge(spec.evaluation.judge)
 
 
 
@@ -148,13 +207,16 @@ def train_reward_model(
     ctx: PhaseContext, init_dir: Path, pairs: list[PreferencePair], training, description: str,
 ) -> tuple[Any, Any, dict[str, float]]:
     """Continue training the RM at `init_dir` on `pairs`; report held-out human accuracy before/after."""
-    tokenizer = load_tokenizer(init_dir)
-    model = load_reward_model(init_dir).to(ctx.device)
+    tokenizer = ctx.tokenizer(init_dir)
+    model = load_reward_model(init_dir)
+    if ctx.spec.reward_model.lora is not None:
+        model = with_lora(model, ctx.spec.reward_model.lora, "SEQ_CLS")
+    model = model.to(ctx.device)
     _, held_out = ctx.human_pairs()
     before = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
     batches = minibatches(pairs, training.batch_size, training.epochs, ctx.spec.seed + ctx.round)
-    history = fit(list(model.parameters()), batches, reward_loss(model, tokenizer, ctx.max_length), training,
-                  ctx.telemetry, description)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    history = fit(trainable, batches, reward_loss(model, tokenizer, ctx.max_length), training, ctx.telemetry, description)
     after = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
     ctx.telemetry.set_accuracy("held_out", after)
     return model, tokenizer, {"pairs": len(pairs), "steps": len(history), "final_reward_loss": history[-1]["reward_loss"],

@@ -1,5 +1,12 @@
 """JSONL record formats of the pipeline, validated line by line.
 
+Prompts come as plain text (`{"prompt": "..."}`) or as chat messages, in the shapes TRL's and
+OpenRLHF's data use: `{"messages": [...]}`, `{"prompt": [...messages]}`, and preference pairs as
+`{"prompt": ..., "chosen": [...], "rejected": [...]}` or whole conversations `{"chosen": [...], "rejected":
+[...]}` (the prompt is the shared turns before the last). A conversational prompt is carried through
+the pipeline as the JSON text of its message list; `rlp_core.models.render_prompt` turns either form
+into the model's input (with the tokenizer's chat template when `policy.chatTemplate` is auto).
+
 A bad record fails the whole load before any training starts, with the file, the line number and the
 field in the message (`prefs.jsonl:12: chosen: Field required`).
 """
@@ -12,8 +19,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlp_core import gym_tasks
 from rlp_core.tasks import builtin_records
 
 if TYPE_CHECKING:
@@ -24,14 +32,45 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _messages_text(messages: list[dict]) -> str:
+    return json.dumps([{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def _reply(value):
+    """A response given as messages: the content of the last (assistant) turn."""
+    return value[-1]["content"] if _is_messages(value) and value else value
+
+
 class Prompt(Record):
     prompt: str = Field(..., min_length=1)
     id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat(cls, doc):
+        if isinstance(doc, dict):
+            msgs = doc.get("prompt", doc.get("messages"))
+            if _is_messages(msgs):
+                doc = {**doc, "prompt": _messages_text(msgs)}
+        return doc
 
 
 class Demonstration(Record):
     prompt: str = Field(..., min_length=1)
     response: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat(cls, doc):
+        if isinstance(doc, dict) and "prompt" not in doc and _is_messages(doc.get("messages")) and doc["messages"]:
+            doc = {**doc, "prompt": _messages_text(doc["messages"][:-1]), "response": doc["messages"][-1]["content"]}
+        elif isinstance(doc, dict) and _is_messages(doc.get("prompt")):
+            doc = {**doc, "prompt": _messages_text(doc["prompt"]), "response": _reply(doc.get("response"))}
+        return doc
 
 
 class PreferencePair(Record):
@@ -39,6 +78,19 @@ class PreferencePair(Record):
     chosen: str
     rejected: str
     weight: float = Field(1.0, gt=0, description="Weight of the pair in the reward model's loss.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat(cls, doc):
+        if not isinstance(doc, dict):
+            return doc
+        prompt = doc.get("prompt")
+        if prompt is None and _is_messages(doc.get("chosen")):  # whole conversations: the prompt is their shared start
+            prompt = doc["chosen"][:-1]
+        if _is_messages(prompt):
+            prompt = _messages_text(prompt)
+        update = {"prompt": prompt, "chosen": _reply(doc.get("chosen")), "rejected": _reply(doc.get("rejected"))}
+        return {**doc, **{k: v for k, v in update.items() if v is not None}}
 
 
 class Sample(Record):
@@ -80,23 +132,32 @@ def parse_records(lines: Iterable[str], record: type[R], source: str) -> list[R]
 
 
 def load_records(uri: str, record: type[R], read_bytes: Callable[[str], bytes] | None = None) -> list[R]:
-    """Load a JSONL source: `builtin://task/split`, a local path / file:// URI, or any URI `read_bytes` reads."""
-    if uri.startswith("builtin://"):
+    """Load a JSONL source: `builtin://task/split`, `reasoning-gym://task/split`, a local path / file:// URI,
+    or any URI `read_bytes` reads."""
+    if uri.startswith(("builtin://", gym_tasks.SCHEME)):
         try:
-            docs = builtin_records(uri)
+            docs = builtin_records(uri) if uri.startswith("builtin://") else gym_tasks.records(uri)
         except ValueError as err:
             raise DataError(str(err)) from None
         return parse_records((json.dumps(d) for d in docs), record, uri)
     if "://" in uri and not uri.startswith("file://"):
         if read_bytes is None:
             raise DataError(f"{uri}: no store configured to read this URI")
-        text = read_bytes(uri).decode()
+        try:
+            data = read_bytes(uri)
+        except FileNotFoundError:
+            raise DataError(f"{uri}: no such object; upload the JSONL file there or fix the URI in the spec") from None
     else:
         path = Path(uri.removeprefix("file://"))
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except OSError as err:
             raise DataError(f"{uri}: cannot read ({err.strerror})") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{uri}: not UTF-8 text (invalid byte at offset {err.start}); "
+                        f"expected JSONL with one {record.__name__} per line") from None
     return parse_records(text.splitlines(), record, uri)
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import importlib.metadata
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from rlp_core.store import FileEntry, Store, StoreError
 
@@ -101,23 +102,38 @@ class Manifest(BaseModel):
     code_version: str
     created_at: str = Field(default_factory=utc_now)
     started_at: str | None = None
+    fingerprint: str | None = Field(None, description="sha256 of spec_fields and inputs (rlp_core.provenance).")
+    spec_fields: dict[str, Any] = Field(default_factory=dict, description="The spec fields that affect this phase.")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="Upstream output (round-K/phase) or model URI -> digest of what was read."
+    )
+    _digest: str = PrivateAttr("")
 
     def entries(self) -> list[FileEntry]:
         return [f.entry() for f in self.files]
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the manifest as stored: identifies this output's exact content."""
+        return self._digest
+
 
 def _parse(data: bytes, url: str) -> Manifest:
     try:
-        return Manifest.model_validate_json(data)
+        manifest = Manifest.model_validate_json(data)
     except ValidationError as e:
         raise StoreError(
             f"unparsable manifest {url}: {e}. The output is corrupt; delete it (and the phase output) to rerun"
         ) from None
+    manifest._digest = hashlib.sha256(data).hexdigest()
+    return manifest
 
 
 def write_manifest(store: Store, manifest: Manifest) -> None:
     """Write the manifest at the phase root; FileExistsError if one exists (a phase completes once)."""
-    store.put_bytes(MANIFEST_NAME, manifest.model_dump_json(indent=2).encode(), if_absent=True)
+    data = manifest.model_dump_json(indent=2).encode()
+    store.put_bytes(MANIFEST_NAME, data, if_absent=True)
+    manifest._digest = hashlib.sha256(data).hexdigest()
 
 
 def read_manifest(store: Store) -> Manifest | None:
@@ -129,27 +145,35 @@ def read_manifest(store: Store) -> Manifest | None:
     return _parse(data, store.url(MANIFEST_NAME))
 
 
-def verify_manifest(store: Store, *, deep: bool = False) -> Manifest | None:
-    """The manifest if the phase output is complete, else None.
+def inspect_output(store: Store, *, deep: bool = False) -> tuple[Manifest | None, str | None]:
+    """(manifest, None) when the phase output is complete; (None, None) when there is no manifest;
+    (None, what is wrong) when a manifest is there but the output does not match it (damaged).
 
-    Complete: the manifest exists and parses, and every listed file exists with the listed size
-    (one listing, cheap enough for every reconcile); ``deep`` also re-hashes every file's content.
+    Complete: the manifest parses and every listed file exists with the listed size (one listing, cheap
+    enough for every reconcile); ``deep`` also re-hashes every file's content.
     """
     try:
         data = store.get_bytes(MANIFEST_NAME)
     except FileNotFoundError:
-        return None
+        return None, None
     try:
         manifest = _parse(data, store.url(MANIFEST_NAME))
-    except StoreError:
-        return None
+    except StoreError as err:
+        return None, str(err)
     sizes = {e.path: e.size for e in store.list()}
     for f in manifest.files:
-        if sizes.get(f.path) != f.size:
-            return None
+        if f.path not in sizes:
+            return None, f"{store.url(f.path)} is missing"
+        if sizes[f.path] != f.size:
+            return None, f"{store.url(f.path)} has {sizes[f.path]} bytes, its manifest says {f.size}"
         if deep and store.sha256(f.path) != f.sha256:
-            return None
-    return manifest
+            return None, f"{store.url(f.path)} does not match its sha256 in the manifest"
+    return manifest, None
+
+
+def verify_manifest(store: Store, *, deep: bool = False) -> Manifest | None:
+    """The manifest if the phase output is complete (see ``inspect_output``), else None."""
+    return inspect_output(store, deep=deep)[0]
 
 
 def publish_phase_output(
@@ -162,6 +186,7 @@ def publish_phase_output(
     spec_hash: str,
     code_version: str,
     started_at: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Manifest:
     """Upload ``local_dir`` to ``store`` (the phase prefix), then write its manifest.
 
@@ -169,7 +194,8 @@ def publish_phase_output(
     (FileExistsError) when a complete output is already there: a complete phase is never redone in
     place. A manifest that no longer verifies is removed first, so a rerun can replace it.
     Files already under the prefix but not in ``local_dir`` are left alone; the manifest lists
-    exactly what belongs to the output.
+    exactly what belongs to the output. ``provenance`` sets the manifest's fingerprint, spec_fields
+    and inputs (rlp_core.provenance).
     """
     local_dir = Path(local_dir)
     if (local_dir / MANIFEST_NAME).exists():
@@ -190,6 +216,7 @@ def publish_phase_output(
         spec_hash=spec_hash,
         code_version=code_version,
         started_at=started_at,
+        **(provenance or {}),
     )
     write_manifest(store, manifest)
     return manifest

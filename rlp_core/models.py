@@ -1,10 +1,10 @@
 """Policy, reward and value models, and the token-level plumbing they share.
 
 - Policy: any `AutoModelForCausalLM`.
-- Reward model: `AutoModelForSequenceClassification` with one label. transformers scores the last
-  non-pad token of each row (it locates it from `pad_token_id`, so left and right padding both work),
-  which is the RM convention of the spec; the tokenizer's pad token is distinct from EOS so a response's
-  EOS is the token scored.
+- Reward model: `AutoModelForSequenceClassification` with one label, read at each row's last real
+  token *by position* (the last 1 of the attention mask): the response's EOS when it has one. transformers'
+  own pooling looks for the last token that is not `pad_token_id`, which skips the EOS, or the whole
+  response, in chat models whose pad token is their EOS (Llama 3, SmolLM2).
 - Value model: `AutoModelForTokenClassification` with one label, initialised from the reward model (the
   usual choice: the critic starts from a network that already reads rewards).
 
@@ -15,6 +15,7 @@ the same ones `generate()` uses: left padding then changes nothing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlp_core.spec import TinyModel
+from rlp_core.spec import LoRA, TinyModel
 
 # Loading an RM from a policy checkpoint (fresh head) is intended; transformers' per-load report is noise here.
 transformers_logging.set_verbosity_error()
@@ -70,10 +71,40 @@ def build_tiny_policy(tokenizer: PreTrainedTokenizerFast, cfg: TinyModel, seed: 
     return LlamaForCausalLM(config)
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: Path, chat_template: str = "auto") -> PreTrainedTokenizerFast:
+    """The tokenizer of a model directory, left-padding; `chat_template="none"` drops its chat template so
+    prompts go in as plain text (`auto` keeps it when the model has one, see `render_prompt`)."""
+    if not (Path(path) / "tokenizer.json").exists() and not (Path(path) / "tokenizer_config.json").exists():
+        raise FileNotFoundError(f"{path}: tokenizer missing (no tokenizer.json); save the tokenizer with the model")
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     tok.padding_side = "left"
+    if tok.pad_token_id is None:  # common in chat models: pad with EOS; masks and positions are explicit here
+        tok.pad_token = tok.eos_token
+    if chat_template == "none":
+        tok.chat_template = None
     return tok
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> str:
+    """The model's input text for a prompt: the chat template with the generation prompt when the tokenizer
+    has one, else the plain text. A conversational prompt is the JSON text of its messages (rlp_core.data)."""
+    messages = None
+    if prompt.startswith("[{"):
+        try:
+            messages = json.loads(prompt)
+        except json.JSONDecodeError:
+            messages = None
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages or [{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+    return "\n".join(m["content"] for m in messages) if messages else prompt
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
 def load_policy(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -83,7 +114,7 @@ def load_policy(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedMod
 def load_reward_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """An RM checkpoint, or a policy checkpoint to initialise one from (a fresh scalar head)."""
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    if model.config.pad_token_id is None:  # the score is read at the last non-pad token: it must know the pad id
+    if model.config.pad_token_id is None:  # saved RMs load with plain transformers too, whose pooling needs it
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
     return model
 
@@ -92,9 +123,43 @@ def load_value_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrain
     return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=dtype)
 
 
+def frozen_dtype() -> torch.dtype:
+    """dtype of models that are only run forward (reward model, separate reference): bf16 on GPUs that have it."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def with_lora(model: PreTrainedModel, lora: LoRA, task_type: str) -> PreTrainedModel:
+    """`model` with trainable peft LoRA adapters (base weights frozen); task_type CAUSAL_LM or TOKEN_CLS
+    (the value head of a TOKEN_CLS model stays fully trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
+                        target_modules=lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules)
+    return get_peft_model(model, config)
+
+
+def freeze_backbone(model: PreTrainedModel) -> PreTrainedModel:
+    """Only the head (`score`) stays trainable: no gradient flows into the backbone, so no backward pass runs
+    through it (a cheap critic on a large model)."""
+    model.requires_grad_(False)
+    _unwrapped(model).score.requires_grad_(True)
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def merged(model: PreTrainedModel) -> PreTrainedModel:
+    """The plain transformers model: LoRA adapters merged into the weights (a no-op for a full model)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    """save_pretrained of the merged model and its tokenizer: the output loads with plain transformers."""
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    merged(model).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
 
@@ -103,8 +168,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerFast, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Left-padded prompt batch."""
-    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    """Left-padded batch of rendered prompts (chat template applied when the tokenizer has one)."""
+    return tokenizer([render_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                     add_special_tokens=False)
 
 
 def encode_pairs(
@@ -117,7 +183,7 @@ def encode_pairs(
     """
     rows, resp_masks = [], []
     for p, r in zip(prompts, responses, strict=True):
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        p_ids = tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (p_ids + r_ids)[-max_length:]
         mask = ([0] * len(p_ids) + [1] * len(r_ids))[-max_length:]
@@ -135,20 +201,38 @@ def encode_pairs(
     return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response_mask}
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each row's last real token (the last 1 of the mask), whatever the pad id is."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+def _unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (its LoRA layers stay in place), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def last_token_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's final hidden state at each row's last real token: what the RM's scalar head reads."""
+    out = _unwrapped(model).base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    hidden = out.last_hidden_state
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+
+
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar RM score per row, read at the last non-pad token."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    return out.logits.squeeze(-1)
+    """Scalar RM score per row, read at the last real token by position (pad == EOS safe)."""
+    hidden = last_token_hidden(model, input_ids, attention_mask)
+    head = _unwrapped(model).score
+    return head(hidden.to(model.dtype)).squeeze(-1)
 
 
-def suppressed_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    """Special tokens a response may not contain: every special token except EOS.
+def suppressed_token_ids(tokenizer: PreTrainedTokenizerFast, stop_ids: Sequence[int] = ()) -> list[int]:
+    """Special tokens a response may not contain: every special token except EOS (and the other stop ids).
 
     Decoding drops special tokens, so a `<pad>` or `<unk>` sampled inside a response would make the
     gold judge and RLP-SPG read another text than the RM scores. The policy π is therefore the model's
     distribution renormalised over the other tokens, in sampling and in every log-prob alike.
     """
-    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, *stop_ids})
 
 
 def masked_logits(logits: torch.Tensor, suppress: Sequence[int] = ()) -> torch.Tensor:

@@ -14,9 +14,9 @@ and the evaluation baseline is always the starting (SFT) policy.
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +28,7 @@ import torch
 
 from rlp_core import ser, spg, uml
 from rlp_core.apa import APATrainer
+from rlp_core.checkpoint import CHECKPOINT_DIR, StoreCheckpointer
 from rlp_core.context import (
     HISTORY_FILE, POLICY_DIR, RM_DIR, SAMPLES_FILE, PhaseContext, PhaseError, StepCallback, read_uri,
     train_reward_model,
@@ -35,18 +36,19 @@ from rlp_core.context import (
 from rlp_core.data import (
     DataError, Demonstration, Prompt, Sample, load_records, spec_sources, write_records,
 )
-from rlp_core.evaluate import win_rate
-from rlp_core.manifest import Manifest, code_version, phase_prefix, publish_phase_output, utc_now, verify_manifest
+from rlp_core.evaluate import paired_change, win_rate
+from rlp_core.manifest import MANIFEST_NAME, Manifest, code_version, publish_phase_output, utc_now
 from rlp_core.models import (
-    build_tiny_policy, load_policy, load_reward_model, load_tokenizer, load_value_model, reward_scores, save_model,
-    train_tokenizer,
+    build_tiny_policy, enable_gradient_checkpointing, freeze_backbone, frozen_dtype, load_policy, load_reward_model, load_value_model,
+    reward_scores, save_model, train_tokenizer, with_lora,
 )
 from rlp_core.ppo import PPOTrainer
+from rlp_core.provenance import Provenance, output_key, upstream
 from rlp_core.sampling import decode_responses, sample_responses
 from rlp_core.spec import RLPRun
 from rlp_core.store import Store
 from rlp_core.supervised import fit, minibatches, sft_loss
-from rlp_core.tasks import gold_judge
+from rlp_core.judges import is_programmatic, programmatic_judge
 from rlp_core.telemetry import PhaseTelemetry
 
 __all__ = ["HISTORY_FILE", "POLICY_DIR", "RM_DIR", "SAMPLES_FILE", "PhaseContext", "PhaseError", "execute_phase"]
@@ -78,7 +80,9 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
     gen = ctx.spec.generation
     prompts = ctx.records(ctx.spec.prompts, Prompt)[: gen.max_prompts]
     policy_dir = ctx.policy_dir()
-    tokenizer, model = load_tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
+    tokenizer = ctx.tokenizer(policy_dir)
+    ctx.check_fits(tokenizer, [p.prompt for p in prompts], gen.max_new_tokens, "generation.maxNewTokens")
+    model = load_policy(policy_dir).to(ctx.device)
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
     jobs = [(i, p, k) for i, p in enumerate(prompts) for k in range(gen.samples_per_prompt)]
     ctx.telemetry.total_steps = -(-len(jobs) // gen.batch_size)
@@ -111,25 +115,6 @@ def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     return spg.run_synthesize(ctx)
 
 
-class StoreCheckpointer:
-    """Resumable training state as one torch file in the phase's own prefix (outside its manifest)."""
-
-    KEY = "_checkpoints/state.pt"
-
-    def __init__(self, store: Store):
-        self.store = store
-
-    def save(self, step: int, state: dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.store.put_bytes(self.KEY, buf.getvalue())
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.store.exists(self.KEY):
-            return None
-        return torch.load(io.BytesIO(self.store.get_bytes(self.KEY)), weights_only=False)
-
-
 def rm_score_fn(model, device: torch.device):
     @torch.no_grad()
     def score(prompts, responses, rollout) -> torch.Tensor:
@@ -149,28 +134,50 @@ def judge_score_fn(gold: Callable[[str, str], float]):
 TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}
 
 
+def trainable_models(ctx: PhaseContext, policy_dir: Path, start_dir: Path, value_dir: Path):
+    """(policy, reference or None, critic) of the optimize phase. With `optimization.lora` the policy is a
+    peft model and, while it starts from the reference's weights, the reference is the policy with its
+    adapters disabled (None): one copy of the backbone instead of two."""
+    opt = ctx.spec.optimization
+    policy, value_model = load_policy(policy_dir), load_value_model(value_dir)
+    if opt.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(value_model)
+    reference = None
+    if opt.lora is None or policy_dir != start_dir:
+        reference = load_policy(start_dir, frozen_dtype()).to(ctx.device)
+    if opt.lora is not None:
+        policy = with_lora(policy, opt.lora, "CAUSAL_LM")
+    if opt.critic_training == "lora":
+        value_model = with_lora(value_model, opt.lora, "TOKEN_CLS")
+    elif opt.critic_training == "head":
+        freeze_backbone(value_model)
+    return policy.to(ctx.device), reference, value_model.to(ctx.device)
+
+
 def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     opt = ctx.spec.optimization
     policy_dir, start_dir = ctx.policy_dir(), ctx.start_policy_dir()
-    tokenizer = load_tokenizer(policy_dir)
+    tokenizer = ctx.tokenizer(policy_dir)
     gold = ctx.gold()
     if opt.reward == "judge":
         if gold is None:
             raise PhaseError("spec.optimization.reward: judge needs a programmatic spec.evaluation.judge "
-                             "(builtin://<task>); use reward-model otherwise")
+                             "(builtin://<task> or reasoning-gym://<task>); use reward-model otherwise")
         rm_dir = None
         score_fn = judge_score_fn(gold)
     else:
         rm_dir = ctx.reward_model_dir()
-        reward_model = load_reward_model(rm_dir).to(ctx.device).eval().requires_grad_(False)
+        reward_model = load_reward_model(rm_dir, frozen_dtype()).to(ctx.device).eval().requires_grad_(False)
         score_fn = rm_score_fn(reward_model, ctx.device)
     value_dir = policy_dir if opt.value_init == "policy" or rm_dir is None else rm_dir
     prompts = [p.prompt for p in ctx.records(ctx.spec.prompts, Prompt)]
+    ctx.check_fits(tokenizer, prompts, opt.max_new_tokens, "optimization.maxNewTokens")
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
-    checkpointer = StoreCheckpointer(ctx.store_of(ctx.round, ctx.phase))
+    policy, reference, value_model = trainable_models(ctx, policy_dir, start_dir, value_dir)
+    checkpointer = StoreCheckpointer(ctx.out_store)
     trainer = TRAINERS[opt.algorithm](
-        config=opt, policy=load_policy(policy_dir).to(ctx.device), reference=load_policy(start_dir).to(ctx.device),
-        value_model=load_value_model(value_dir).to(ctx.device), tokenizer=tokenizer,
+        config=opt, policy=policy, reference=reference, value_model=value_model, tokenizer=tokenizer,
         score_fn=score_fn, prompts=prompts, seed=ctx.spec.seed + ctx.round,
         telemetry=ctx.telemetry, checkpointer=checkpointer,
         gold_fn=None if gold is None else (lambda ps, rs: [gold(p, r) for p, r in zip(ps, rs)]),
@@ -178,6 +185,7 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     )
     resumed_from = trainer.start_step
     history = trainer.train()
+    checkpointer.wait()
     save_model(trainer.policy, tokenizer, ctx.out_dir / POLICY_DIR)
     with (ctx.out_dir / HISTORY_FILE).open("w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
@@ -201,7 +209,7 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
             return [gold(p, r) for p, r in zip(ps, rs)]
     elif ev.judge == "reward-model":
         rm_dir = ctx.reward_model_dir()
-        rm_tok, rm = load_tokenizer(rm_dir), load_reward_model(rm_dir).to(ctx.device).eval()
+        rm_tok, rm = ctx.tokenizer(rm_dir), load_reward_model(rm_dir).to(ctx.device).eval()
 
         def judge(ps, rs):
             from rlp_core.models import encode_pairs
@@ -210,14 +218,16 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
             with torch.no_grad():
                 return reward_scores(rm, enc["input_ids"].to(ctx.device), enc["attention_mask"].to(ctx.device)).tolist()
     else:
-        raise PhaseError(f"spec.evaluation.judge: unknown judge {ev.judge!r}; use reward-model or builtin://<task>")
+        raise PhaseError(f"spec.evaluation.judge: unknown judge {ev.judge!r}; use reward-model, builtin://<task> "
+                         "or reasoning-gym://<task>")
 
     def answers(policy_dir: Path) -> list[str]:
-        tok, model = load_tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
+        tok, model = ctx.tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
         torch.manual_seed(ctx.spec.seed)
         out = []
         for i in range(0, len(prompts), 256):
-            roll = sample_responses(model, tok, prompts[i : i + 256], max_new_tokens=ev.max_new_tokens, temperature=ev.temperature)
+            roll = sample_responses(model, tok, prompts[i : i + 256], max_new_tokens=ev.max_new_tokens,
+                                    temperature=ev.temperature, do_sample=not ev.greedy)
             out += decode_responses(tok, roll)
         return out
 
@@ -230,8 +240,14 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
         for row in zip(prompts, new, base, new_scores, base_scores):
             f.write(json.dumps(dict(zip(("prompt", "policy", "baseline", "policy_score", "baseline_score"), row))) + "\n")
     result = win_rate(new_scores, base_scores, ev.confidence)
-    return {**result.as_dict(), "judge": ev.judge, "policy_score_mean": sum(new_scores) / len(prompts),
-            "baseline_score_mean": sum(base_scores) / len(prompts)}
+    change = paired_change(new_scores, base_scores, ev.confidence)
+    metrics = {**result.as_dict(), **change.as_dict("score_"), "judge": ev.judge, "greedy": ev.greedy,
+               "policy_score_mean": sum(new_scores) / len(prompts), "baseline_score_mean": sum(base_scores) / len(prompts)}
+    if gold is not None:  # a programmatic judge's full score is a correct answer
+        exact = paired_change([float(s == 1.0) for s in new_scores], [float(s == 1.0) for s in base_scores], ev.confidence)
+        metrics |= {"policy_accuracy": sum(s == 1.0 for s in new_scores) / len(prompts),
+                    "baseline_accuracy": sum(s == 1.0 for s in base_scores) / len(prompts), **exact.as_dict("accuracy_")}
+    return metrics
 
 
 def validate_inputs(run: RLPRun) -> None:
@@ -239,9 +255,9 @@ def validate_inputs(run: RLPRun) -> None:
     spec = run.spec
     for _, uri, record in spec_sources(spec):
         load_records(uri, record, lambda u: read_uri(spec.storage, u))
-    if spec.evaluation.judge.startswith("builtin://"):
+    if is_programmatic(spec.evaluation.judge):
         try:
-            gold_judge(spec.evaluation.judge)
+            programmatic_judge(spec.evaluation.judge)
         except ValueError as err:
             raise DataError(f"spec.evaluation.judge: {err}") from None
 
@@ -252,6 +268,24 @@ PHASES: dict[str, Callable[[PhaseContext], dict[str, Any]]] = {
 }
 
 
+def remove_orphaned_work_dirs(work: Path) -> None:
+    """Delete the output directories of phases whose process is gone (killed before its clean-up)."""
+    for path in work.glob("rlp-*-*-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+class SpecChanged(PhaseError):
+    """A phase's output in the store was made under other spec fields or from other inputs."""
+
+
 @dataclass
 class PhaseResult:
     round: int
@@ -259,30 +293,72 @@ class PhaseResult:
     state: str  # Succeeded | Skipped | Cached
     manifest: Manifest | None
     seconds: float = 0.0
+    output: str = ""  # URI of the output used or written
 
 
 def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir: Path,
-                  telemetry: PhaseTelemetry | None = None, step_callback: StepCallback | None = None) -> PhaseResult:
-    """Run one phase unless its manifest already verifies; publish outputs, manifest last."""
+                  telemetry: PhaseTelemetry | None = None, step_callback: StepCallback | None = None,
+                  provenance: Provenance | None = None, rerun_changed: bool = False, redo: bool = False) -> PhaseResult:
+    """Run one phase unless an output made for this spec and these inputs verifies; publish outputs,
+    manifest last.
+
+    An output at the phase's path made under other spec fields or inputs stops the phase (SpecChanged,
+    naming the changes) unless `rerun_changed` (run again under a new output path beside it) or `redo`
+    (delete it and run again in place). A damaged output (manifest there, files not matching) stops it
+    too, unless `redo`.
+    """
     if (round, phase) not in run.spec.phase_plan():
         raise PhaseError(f"phase {phase!r} is not in round {round} of this run's plan {run.spec.phase_plan()}")
-    prefix = root.child(phase_prefix(run.metadata.namespace, run.metadata.name, round, phase))
-    done = verify_manifest(prefix)
-    if done is not None:
-        return PhaseResult(round, phase, "Cached", done)
+    provenance = provenance or Provenance(run, root)
+    loc = provenance.locate(round, phase)
+    where = output_key(round, phase)
+    if loc.fingerprint is None:
+        missing = [output_key(*e) for e in upstream(run.spec, round, phase)[0]]
+        raise PhaseError(f"{where} cannot run yet: its inputs {missing} are not all complete; run them first")
+    if redo:
+        # in place, unless the path holds the output of other spec fields (kept, as --rerun-changed would)
+        kept = loc.manifest is None and loc.conflict is not None and loc.conflict.spec_fields != loc.fields
+        target = loc.variant if kept else loc.store
+        target.delete(MANIFEST_NAME)  # first: an interrupted redo leaves no manifest, so it reruns
+        target.delete_prefix("")
+    elif loc.manifest is not None:
+        return PhaseResult(round, phase, "Cached", loc.manifest, 0.0, loc.store.url())
+    elif loc.problem is not None:
+        raise PhaseError(f"{where} is damaged: {loc.problem}. Redo it and what depends on it: "
+                         f"`rlp run SPEC --redo {where}`")
+    elif loc.conflict is not None:
+        if not rerun_changed:
+            raise SpecChanged(f"{where} in {loc.store.url()} was made under another spec: {loc.changes()}. "
+                              f"Keep it and run the changed phases under new output paths with `rlp run SPEC "
+                              f"--rerun-changed`, replace it with `--redo {where}`, or use a new run name")
+        target = loc.variant
+    else:
+        target = loc.store
     started, t0 = utc_now(), time.perf_counter()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 publishes
     telemetry = telemetry or PhaseTelemetry(run.metadata.name, round, phase)
-    with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-") as tmp:
+    work = cache_dir / "work"
+    remove_orphaned_work_dirs(work)
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"rlp-{phase}-{os.getpid()}-", dir=work) as tmp:
         out_dir = Path(tmp)
         if run.spec.phase_enabled(phase):
-            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback)
+            ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback,
+                               provenance=provenance, out_store=target)
             metrics, state = PHASES[phase](ctx), "Succeeded"
+            if ctx.model_revisions:  # hf:// models: the exact commits this phase used
+                metrics["model_revisions"] = ctx.model_revisions
         else:
             metrics, state = {"skipped": True, "reason": f"strategy {run.spec.reward_learning.strategy}"}, "Skipped"
         telemetry.finish()
         if not is_main:
-            return PhaseResult(round, phase, state, None, time.perf_counter() - t0)
-        manifest = publish_phase_output(prefix, out_dir, phase=phase, round=round, metrics=metrics,
-                                        spec_hash=run.spec.hash(), code_version=code_version(), started_at=started)
-    return PhaseResult(round, phase, state, manifest, time.perf_counter() - t0)
+            return PhaseResult(round, phase, state, None, time.perf_counter() - t0, target.url())
+        manifest = publish_phase_output(
+            target, out_dir, phase=phase, round=round, metrics=metrics, spec_hash=provenance.save_spec(),
+            code_version=code_version(), started_at=started,
+            provenance={"fingerprint": loc.fingerprint, "spec_fields": loc.fields, "inputs": loc.inputs},
+        )
+    if not run.spec.storage.keep_checkpoints:
+        target.delete_prefix(CHECKPOINT_DIR)
+    provenance.forget(round, phase)
+    return PhaseResult(round, phase, state, manifest, time.perf_counter() - t0, target.url())

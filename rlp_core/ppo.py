@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, get_scheduler
 
 from rlp_core import losses
-from rlp_core.models import disable_dropout, position_ids, response_logprobs, suppressed_token_ids
+from rlp_core.models import disable_dropout, position_ids, response_logprobs, stop_token_ids, suppressed_token_ids
 from rlp_core.sampling import Rollout, decode_responses, sample_responses
 from rlp_core.spec import Optimization
 from rlp_core.telemetry import PhaseTelemetry
@@ -144,7 +144,7 @@ def _single_process_rendezvous() -> None:
 class PPOTrainer:
     config: Optimization
     policy: PreTrainedModel
-    reference: PreTrainedModel
+    reference: PreTrainedModel | None  # None: the policy is a peft model and its adapters-disabled self is the reference
     value_model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     score_fn: ScoreFn
@@ -158,9 +158,13 @@ class PPOTrainer:
 
     def __post_init__(self) -> None:
         for model in (self.policy, self.reference, self.value_model):
-            disable_dropout(model)
-        self.reference.eval().requires_grad_(False)
-        self.suppress = suppressed_token_ids(self.tokenizer)
+            if model is not None:
+                disable_dropout(model)
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
+        elif not hasattr(self.policy, "disable_adapter"):
+            raise ValueError("reference=None needs a peft (LoRA) policy, whose disabled adapters give the reference")
+        self.suppress = suppressed_token_ids(self.tokenizer, stop_token_ids(self.policy, self.tokenizer))
         self.kl_ctl = AdaptiveKL(self.config.kl_coef, self.config.target_kl)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -246,6 +250,15 @@ class PPOTrainer:
 
     # --- rollout ------------------------------------------------------------------------------------
     @torch.no_grad()
+    def reference_logprobs(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """log π_ref of the response tokens: the reference model's, or the LoRA policy's with adapters disabled."""
+        args = (sequences, attention_mask, prompt_len, self.config.temperature, self.suppress)
+        if self.reference is not None:
+            return response_logprobs(self.reference, *args)[0]
+        with self.policy.disable_adapter():
+            return response_logprobs(self.policy, *args)[0]
+
+    @torch.no_grad()
     def make_experience(self, prompts: list[str]) -> tuple[Experience, dict[str, float]]:
         cfg = self.config
         rollout = sample_responses(self.policy, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
@@ -257,9 +270,7 @@ class PPOTrainer:
         if cfg.reward_clip is not None:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         mask = rollout.response_mask
-        ref_logprobs, _ = response_logprobs(self.reference, rollout.sequences, rollout.attention_mask,
-                                            rollout.prompt_len, cfg.temperature, self.suppress)
-        ref_logprobs = ref_logprobs * mask
+        ref_logprobs = self.reference_logprobs(rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
         self.value_model.eval()
         values = value_forward(self.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
         self.value_model.train()

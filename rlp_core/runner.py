@@ -15,10 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rlp_core.manifest import phase_prefix
-from rlp_core.pipeline import HISTORY_FILE, PhaseResult, execute_phase, validate_inputs
-from rlp_core.spec import RLPRun
-from rlp_core.store import Store
+from rlp_core.pipeline import HISTORY_FILE, PhaseError, PhaseResult, execute_phase, validate_inputs
+from rlp_core.provenance import Provenance, downstream, parse_phase_refs
+from rlp_core.spec import RLPRun, settings_problems
 
 
 @dataclass
@@ -42,25 +41,38 @@ def _seconds(manifest) -> float | None:
 
 
 def run_local(run: RLPRun, *, store_uri: str | None = None, cache_dir: Path | None = None,
-              report_dir: Path | None = None, console: Console | None = None) -> RunReport:
+              report_dir: Path | None = None, console: Console | None = None, rerun_changed: bool = False,
+              redo: list[str] = ()) -> RunReport:
+    """Run the plan in order. `rerun_changed` and `redo` (phase names or round-K/PHASE; what reads them
+    is redone too) decide what happens to outputs made under another spec: see execute_phase."""
     console = console or Console(stderr=True)
     spec = run.spec
-    root = Store.from_uri(store_uri or spec.storage.uri, endpoint=spec.storage.endpoint, region=spec.storage.region)
+    root = spec.storage.open(store_uri)
     cache_dir = cache_dir or Path(".rlp-cache")
     plan = spec.phase_plan()
+    try:
+        to_redo = downstream(spec, parse_phase_refs(spec, list(redo)))
+    except ValueError as err:
+        raise PhaseError(str(err)) from None
     validate_inputs(run)
+    for warning in settings_problems(spec)[1]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    provenance = Provenance(run, root)
     console.print(f"[bold]rlp run[/] {run.metadata.namespace}/{run.metadata.name}: {len(plan)} phases, store {root.uri}")
     results = []
     for i, (round, phase) in enumerate(plan, start=1):
         label = f"[{i}/{len(plan)}] round {round} {phase}"
         console.print(f"{label} …")
-        result = execute_phase(run, root, round, phase, cache_dir=cache_dir)
+        result = execute_phase(run, root, round, phase, cache_dir=cache_dir, provenance=provenance,
+                               rerun_changed=rerun_changed, redo=(round, phase) in to_redo)
         results.append(result)
-        took = _seconds(result.manifest)
-        console.print(f"{label}: [green]{result.state}[/]" + (f" in {took:.1f}s" if took is not None else ""))
+        if result.state == "Cached":
+            console.print(f"{label}: [green]Cached[/] ({result.output}, made {result.manifest.created_at})")
+        else:
+            console.print(f"{label}: [green]{result.state}[/] in {result.seconds:.1f}s")
     report_dir = Path(report_dir or cache_dir / "reports" / run.metadata.namespace / run.metadata.name)
     report_dir.mkdir(parents=True, exist_ok=True)
-    curves = _plot_curves(run, root, results, cache_dir, report_dir / "curves.png")
+    curves = _plot_curves(run, provenance, results, report_dir / "curves.png")
     report_json = report_dir / "report.json"
     report = RunReport(results, curves, report_json)
     report_json.write_text(json.dumps({
@@ -73,7 +85,7 @@ def run_local(run: RLPRun, *, store_uri: str | None = None, cache_dir: Path | No
     return report
 
 
-def _plot_curves(run: RLPRun, root: Store, results: list[PhaseResult], cache_dir: Path, out: Path) -> Path | None:
+def _plot_curves(run: RLPRun, provenance: Provenance, results: list[PhaseResult], out: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +94,7 @@ def _plot_curves(run: RLPRun, root: Store, results: list[PhaseResult], cache_dir
     histories = []
     for r in results:
         if r.phase == "optimize" and r.manifest is not None and any(f.path == HISTORY_FILE for f in r.manifest.files):
-            store = root.child(phase_prefix(run.metadata.namespace, run.metadata.name, r.round, r.phase))
+            store = provenance.locate(r.round, r.phase).store
             rows = [json.loads(line) for line in store.get_bytes(HISTORY_FILE).decode().splitlines() if line]
             histories.append((r.round, rows))
     if not histories:
@@ -130,6 +142,8 @@ def _print_summary(console: Console, report: RunReport) -> None:
     if ev:
         console.print(f"win-rate vs the starting policy: [bold]{ev['win_rate']:.3f}[/] "
                       f"({ev['confidence']:.0%} CI {ev['ci_low']:.3f}–{ev['ci_high']:.3f}, n={ev['n']}, judge {ev['judge']})")
+        console.print(f"mean score under the judge: {ev['policy_score_mean']:.3f} (starting policy "
+                      f"{ev['baseline_score_mean']:.3f})")
     if report.curves_png:
         console.print(f"curves: {report.curves_png}")
     console.print(f"report: {report.report_json}")

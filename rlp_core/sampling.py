@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from rlp_core.models import encode_prompts, response_logprobs, suppressed_token_ids
+from rlp_core.models import encode_prompts, response_logprobs, stop_token_ids, suppressed_token_ids
 
 
 @dataclass
@@ -36,22 +36,24 @@ class Rollout:
         return self.sequences[:, self.prompt_len :]
 
 
-def response_mask_from(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of tokens up to and including the first EOS; and whether an EOS occurred."""
-    is_eos = responses == eos_id
+def response_mask_from(responses: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first stop token; and whether one occurred."""
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     return (~after_eos).long(), is_eos.any(1)
 
 
 def generation_config(
     tokenizer: PreTrainedTokenizerFast, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-    do_sample: bool = True,
+    do_sample: bool = True, stop_ids: list[int] | None = None,
 ) -> GenerationConfig:
-    """The `generate()` settings of every sampler here: no top-k, special tokens other than EOS suppressed."""
+    """The `generate()` settings of every sampler here: no top-k, special tokens other than the stop ids
+    (the EOS ids of the tokenizer and the model's generation config) suppressed."""
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None, top_k=0, suppress_tokens=suppressed_token_ids(tokenizer) or None,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        top_p=top_p if do_sample else None, top_k=0, suppress_tokens=suppressed_token_ids(tokenizer, stop_ids) or None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, bos_token_id=None,
     )
 
 
@@ -69,8 +71,9 @@ def sample_responses(
     enc = encode_prompts(tokenizer, prompts)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     prompt_len = enc["input_ids"].shape[1]
+    stop_ids = stop_token_ids(model, tokenizer)
     config = generation_config(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               do_sample=do_sample)
+                               do_sample=do_sample, stop_ids=stop_ids)
     was_training = model.training
     model.eval()
     sequences = model.generate(**enc, generation_config=config)
@@ -80,10 +83,10 @@ def sample_responses(
                          dtype=responses.dtype, device=responses.device)
         responses = torch.cat([responses, pad], dim=1)
         sequences = torch.cat([sequences[:, :prompt_len], responses], dim=1)
-    resp_mask, finished = response_mask_from(responses, tokenizer.eos_token_id)
+    resp_mask, finished = response_mask_from(responses, stop_ids)
     attention = torch.cat([enc["attention_mask"], resp_mask], dim=1)
     logprobs, _ = response_logprobs(model, sequences, attention, prompt_len, temperature,
-                                   suppressed_token_ids(tokenizer))
+                                   suppressed_token_ids(tokenizer, stop_ids))
     model.train(was_training)
     return Rollout(sequences, attention, resp_mask, logprobs * resp_mask, finished, prompt_len)
 

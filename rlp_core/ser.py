@@ -34,7 +34,7 @@ import torch
 
 from rlp_core.context import RM_DIR, PhaseContext, train_reward_model
 from rlp_core.data import PreferencePair
-from rlp_core.models import load_reward_model, load_tokenizer, save_model
+from rlp_core.models import load_reward_model, save_model
 from rlp_core.reward_learning import distinct_pairs, gold_accuracy, gold_agreement, histogram
 from rlp_core.supervised import encode_preferences, pair_rewards, preference_accuracy
 
@@ -99,7 +99,7 @@ def run_ser(ctx: PhaseContext) -> dict[str, Any]:
     gold = ctx.gold()
     current = ctx.out_dir / RM_DIR  # the best RM so far; starts as a copy of the input RM
     shutil.copytree(ctx.reward_model_dir(), current)
-    model, tokenizer = load_reward_model(current).to(ctx.device), load_tokenizer(current)
+    model, tokenizer = load_reward_model(current).to(ctx.device), ctx.tokenizer(current)
     best = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
     metrics: dict[str, Any] = {"unlabeled_pairs": len(candidates), "human_pairs": len(train),
                                "rm_accuracy_held_out_before": best}
@@ -133,7 +133,7 @@ def run_ser(ctx: PhaseContext) -> dict[str, Any]:
         save_model(model, tokenizer, current)
         if reason:
             break
-    model, tokenizer = load_reward_model(current).to(ctx.device), load_tokenizer(current)
+    model, tokenizer = load_reward_model(current).to(ctx.device), ctx.tokenizer(current)
     metrics.update({"iterations": iterations, "stop_reason": reason, "iterations_kept": sum(r.get("kept", False) for r in iterations),
                     "self_labelled_pairs": len(labelled),
                     "rm_accuracy_held_out": preference_accuracy(model, tokenizer, held_out, ctx.max_length)})

@@ -117,10 +117,11 @@ DataURI = Annotated[
     str,
     StringConstraints(max_length=2048),
     Matches(
-        f"^(builtin://[a-z0-9_-]+/[a-z0-9_-]+([?].*)?|{_S3_OBJECT}|{_LOCAL})$",
-        f"must name a JSONL file: {_S3_FORM}; builtin://TASK/SPLIT; or, for `rlp run`, a local path or "
-        "file://PATH (http(s) URLs are not read)",
-        on_cluster=("^(s3|builtin)://", "must be s3://BUCKET/KEY or builtin://TASK/SPLIT on a cluster: a local "
+        f"^((builtin|reasoning-gym)://[a-z0-9_-]+/[a-z0-9_-]+([?].*)?|{_S3_OBJECT}|{_LOCAL})$",
+        f"must name a JSONL file: {_S3_FORM}; builtin://TASK/SPLIT or reasoning-gym://TASK/SPLIT; or, for "
+        "`rlp run`, a local path or file://PATH (http(s) URLs are not read)",
+        on_cluster=("^(s3|builtin|reasoning-gym)://", "must be s3://BUCKET/KEY, builtin://TASK/SPLIT or "
+                    "reasoning-gym://TASK/SPLIT on a cluster: a local "
                                         "path is not readable by the phase pods"),
     ),
 ]
@@ -128,9 +129,11 @@ ModelURI = Annotated[
     str,
     StringConstraints(max_length=2048),
     Matches(
-        f"^({_S3_OBJECT}|{_LOCAL})$",
-        "must name a save_pretrained directory: s3://BUCKET/PREFIX/ or, for `rlp run`, a local path or file://PATH",
-        on_cluster=("^s3://", "must be s3://BUCKET/PREFIX/ on a cluster: a local path is not readable by the phase pods"),
+        f"^({_S3_OBJECT}|hf://[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(@[!-~]+)?|packaged://[a-z0-9_-]+|{_LOCAL})$",
+        "must name a save_pretrained directory: s3://BUCKET/PREFIX/, hf://ORG/NAME[@REVISION], packaged://NAME "
+        "or, for `rlp run`, a local path or file://PATH",
+        on_cluster=("^(s3|hf|packaged)://", "must be s3://BUCKET/PREFIX/, hf://ORG/NAME[@REVISION] or packaged://NAME "
+                    "on a cluster: a local path is not readable by the phase pods"),
     ),
 ]
 
@@ -192,19 +195,46 @@ class SFT(SpecModel):
 
 class Policy(SpecModel):
     model: ModelURI | None = Field(
-        None, description="HF-format directory (URI) of the starting (SFT) policy; omit to run the sft phase."
+        None, description="HF-format directory of the starting (SFT) policy: file://, s3://, hf://org/name@revision or "
+        "packaged://smollm2; omit to run the sft phase."
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="auto: prompts go through the tokenizer's chat template (with the generation prompt) when "
+        "it has one, for policy, reward model, critic and evaluation alike; none: plain text."
+    )
+    max_prompt_tokens: int = Field(
+        256, ge=1, le=131072, description="Longest rendered prompt of a pretrained policy; with the longest maxNewTokens "
+        "it bounds every sequence (a tiny model uses sft.tiny.maxPositions)."
     )
     sft: SFT = Field(default_factory=SFT)
 
 
+class LoRA(SpecModel):
+    """Low-rank adapters (peft). On the policy the reference policy is the same model with its adapters
+    disabled (no second copy); saved models are merged (they load with plain transformers)."""
+
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout; PPO switches dropout off in its models.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names the adapters wrap (or [all-linear]).",
+    )
+
+
 class RewardModel(SpecModel):
     model: ModelURI | None = Field(
-        None, description="HF-format directory (URI) of a trained reward model; omit to run the reward phase."
+        None, description="HF-format directory (file://, s3://, hf://, packaged://) of a trained reward model; omit to "
+        "run the reward phase, which trains one from the policy's backbone."
     )
     human_preferences: DataURI = Field(
         "builtin://arith/preferences", description="JSONL of {prompt, chosen, rejected} human preference pairs."
     )
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs kept out to measure accuracy.")
+    lora: LoRA | None = Field(
+        None, description="Train LoRA adapters and the score head instead of all weights (reward, synthesize and SER "
+        "training); the saved RM is the merged model."
+    )
     training: Training = Field(default_factory=lambda: Training(epochs=2, learning_rate=1e-3, batch_size=32))
 
 
@@ -338,7 +368,21 @@ class Optimization(SpecModel):
     temperature: float = Field(1.0, gt=0, le=10)
     max_new_tokens: int = Field(8, ge=1, le=8192)
     checkpoint_every: int = Field(10, ge=1, le=1_000_000, description="Save a resumable checkpoint every N steps.")
+    lora: LoRA | None = Field(None, description="Train low-rank adapters instead of all policy weights; unset: full.")
+    critic_training: Literal["full", "lora", "head"] = Field(
+        "full", description="What of the critic is trained: all weights; LoRA adapters (with optimization.lora's "
+        "settings) and the value head; or the value head alone on a frozen backbone (no backward pass through it)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass of policy and critic (less memory, ~30% slower)."
+    )
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
+
+    @model_validator(mode="after")
+    def _critic_lora_has_settings(self) -> Optimization:
+        if self.critic_training == "lora" and self.lora is None:
+            raise ValueError("criticTraining: lora needs optimization.lora (rank, alpha, targetModules)")
+        return self
 
     @model_validator(mode="after")
     def _minibatch_divides(self) -> Optimization:
@@ -351,13 +395,15 @@ class Optimization(SpecModel):
 
 class Evaluation(SpecModel):
     prompts: DataURI = Field("builtin://arith/eval", description="JSONL of prompts the two policies answer.")
-    judge: Annotated[str, StringConstraints(max_length=2048), Matches("^(reward-model|builtin://[a-z0-9_-]+([?].*)?)$",
-                                  "must be reward-model or builtin://TASK (a built-in gold judge)")] = Field(
+    judge: Annotated[str, StringConstraints(max_length=2048), Matches("^(reward-model|(builtin|reasoning-gym)://[a-z0-9_-]+([?].*)?)$",
+                                  "must be reward-model, builtin://TASK or reasoning-gym://TASK (a gold judge)")] = Field(
         "reward-model",
-        description="reward-model (the final refined RM) or builtin://<task> (a programmatic gold judge).",
+        description="reward-model (the final refined RM), builtin://<task> or reasoning-gym://<task>?<config> "
+        "(a programmatic gold judge).",
     )
     max_prompts: int | None = Field(None, ge=1, le=10_000_000)
     temperature: float = Field(1.0, gt=0, le=10)
+    greedy: bool = Field(False, description="Greedy decoding instead of sampling at `temperature`.")
     max_new_tokens: int = Field(8, ge=1, le=8192)
     confidence: float = Field(0.95, gt=0, lt=1, description="Level of the win-rate's confidence interval.")
 
@@ -366,7 +412,21 @@ class SecretRef(SpecModel):
     name: ObjectName = Field(..., description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
 
 
+class TokenSecretRef(SpecModel):
+    name: str = Field(..., min_length=1, description="Secret holding the Hugging Face token.")
+    key: str = Field("HF_TOKEN", min_length=1, description="Key of the token in the Secret (exposed as HF_TOKEN).")
+
+
+class Hub(SpecModel):
+    """Access to the Hugging Face Hub for `hf://org/name@revision` model URIs (fetched in the job pod)."""
+
+    endpoint: str | None = Field(None, description="Hub or mirror URL (HF_ENDPOINT); default: huggingface.co.")
+    secret_ref: TokenSecretRef | None = Field(None, description="Token for gated or private models.")
+
+
 class Storage(SpecModel):
+    """Where phase outputs live (layout: docs/storage.md) and how long S3 trouble is waited out."""
+
     uri: StorageURI = Field(
         "file://./runs",
         description="Root for checkpoints and phase outputs: s3://bucket/prefix (the bucket must exist), or "
@@ -375,6 +435,26 @@ class Storage(SpecModel):
     endpoint: EndpointURL | None = Field(None, description="S3 endpoint URL for non-AWS servers.")
     region: Annotated[str, StringConstraints(max_length=64)] | None = None
     secret_ref: SecretRef | None = Field(None, description="Credentials for s3:// (cluster runs).")
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=3600, description="S3: give up one connection attempt after this long.")
+    read_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="S3: give up one request whose server sends nothing for this long."
+    )
+    retry_seconds: float = Field(
+        120.0, ge=0, le=86400,
+        description="S3: keep retrying an unreachable, timing-out or 5xx-answering server (with backoff) this long; "
+        "an outage shorter than this is ridden out.",
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep a phase's resumable checkpoints (_checkpoints/) after it succeeds (default: delete them)."
+    )
+
+    def open(self, uri: str | None = None):
+        """The `rlp_core.store.Store` at `uri` (default: this storage's root) with these settings."""
+        from rlp_core.store import Store  # boto3 is loaded only when a store is opened
+
+        return Store.from_uri(uri or self.uri, endpoint=self.endpoint, region=self.region,
+                              timeout=self.read_timeout_seconds, connect_timeout=self.connect_timeout_seconds,
+                              retry_seconds=self.retry_seconds)
 
 
 class Toleration(SpecModel):
@@ -424,6 +504,7 @@ class RLPRunSpec(SpecModel):
     rounds: int = Field(1, ge=1, le=100)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     storage: Storage = Field(default_factory=Storage)
+    hub: Hub = Field(default_factory=Hub)
     resources: Resources = Field(default_factory=Resources)
     phases: dict[PhaseName, PhaseOverride] = Field(default_factory=dict)
     backoff_limit: int = Field(
@@ -491,18 +572,44 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def settings_problems(spec: RLPRunSpec) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about settings that are valid one by one but do not work together."""
+    errors, warnings = [], []
+    if spec.policy.model is None:  # the tiny model's context is maxPositions tokens
+        room = spec.policy.sft.tiny.max_positions
+        for path, n in (("generation.maxNewTokens", spec.generation.max_new_tokens),
+                        ("optimization.maxNewTokens", spec.optimization.max_new_tokens),
+                        ("evaluation.maxNewTokens", spec.evaluation.max_new_tokens)):
+            if n >= room:
+                errors.append(f"spec.{path}: {n} leaves no room for the prompt within "
+                              f"spec.policy.sft.tiny.maxPositions ({room}); make maxPositions cover the longest "
+                              "prompt plus maxNewTokens, or lower maxNewTokens")
+    strategy = spec.reward_learning.strategy
+    if strategy in ("rlp-spg", "rlp", "ser") and spec.generation.samples_per_prompt < 2:
+        warnings.append(f"spec.generation.samplesPerPrompt is 1: {strategy} builds its pairs from several samples "
+                        "of the same prompt, so it adds none and the RM trains on human pairs only; set it to 2 or more")
+    return errors, warnings
+
+
 def parse_run(doc: dict[str, Any], source: str = "<spec>") -> RLPRun:
     try:
-        return RLPRun.model_validate(doc)
+        run = RLPRun.model_validate(doc)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
+    errors, _ = settings_problems(run.spec)
+    if errors:
+        raise SpecError("\n".join([f"{source}: invalid RLPRun ({len(errors)} problem(s)):",
+                                    *(f"  - {e}" for e in errors)]))
+    return run
 
 
 def load_run(path: str | Path) -> RLPRun:
     """Load an RLPRun YAML (the same file `kubectl apply` takes) or a bare spec JSON (`rlp phase`)."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_bytes().decode())
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (invalid byte at offset {err.start}); give the RLPRun YAML") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
     except OSError as err:

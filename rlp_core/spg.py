@@ -37,7 +37,7 @@ from typing import Any
 
 from rlp_core.context import RM_DIR, PhaseContext, train_reward_model
 from rlp_core.data import PreferencePair, Sample
-from rlp_core.models import load_reward_model, load_tokenizer, save_model
+from rlp_core.models import load_reward_model, save_model
 from rlp_core.reward_learning import by_prompt, gold_accuracy, gold_agreement, histogram
 from rlp_core.spec import SPG
 
@@ -184,7 +184,7 @@ def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
         metrics["synthetic_pairs_gold_accuracy"] = gold_agreement(synthetic, gold)
         before = load_reward_model(init_dir).to(ctx.device)
         metrics["rm_accuracy_policy_gold_before"], metrics["policy_gold_pairs"] = gold_accuracy(
-            before, load_tokenizer(init_dir), samples, gold, ctx.max_length)
+            before, ctx.tokenizer(init_dir), samples, gold, ctx.max_length)
         del before
     model, tokenizer, train_metrics = train_reward_model(ctx, init_dir, train + synthetic, cfg.training, "synthesize")
     metrics.update(train_metrics)

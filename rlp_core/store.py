@@ -18,13 +18,15 @@ import abc
 import contextlib
 import hashlib
 import os
+import logging
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import urlparse
 
 import boto3
@@ -34,8 +36,13 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 _CHUNK = 1 << 20
+# How long an S3 operation keeps retrying an unreachable or failing server (storage.retrySeconds).
+DEFAULT_RETRY_SECONDS = 120.0
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 8.0
 # Temp files carry this marker so a listing never reports a write that was interrupted.
 _TMP_MARK = ".rlp-tmp-"
+T = TypeVar("T")
+log = logging.getLogger("rlp.store")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,10 @@ class FileEntry:
 
 class StoreError(RuntimeError):
     """A store operation failed; the message names the URI and what to fix."""
+
+
+class StoreUnavailable(StoreError):
+    """The server could not be reached, timed out or answered 5xx: worth trying again later."""
 
 
 class IntegrityError(StoreError):
@@ -142,6 +153,8 @@ class Store(abc.ABC):
         max_attempts: int | None = None,
         retry_mode: str | None = None,
         timeout: float | None = None,
+        connect_timeout: float | None = None,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
         transfer_config: TransferConfig | None = None,
     ) -> Store:
         """Open ``file://path``, a plain path, or ``s3://bucket/prefix``.
@@ -149,8 +162,10 @@ class Store(abc.ABC):
         S3 settings not given fall back to the environment: credentials to boto3's default chain
         (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, IRSA), the endpoint to
         ``RLP_S3_ENDPOINT`` then ``AWS_ENDPOINT_URL``, retries to ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS``
-        (default: standard mode, 5 attempts per request in all). ``timeout`` sets botocore's connect and
-        read timeouts.
+        (default: standard mode, 3 attempts per request in all). ``timeout`` sets botocore's read timeout
+        (and the connect timeout unless ``connect_timeout`` is given). On top of botocore's quick retries,
+        an operation that fails because the server is unreachable, times out or answers 5xx is tried
+        again with backoff until ``retry_seconds`` have passed, so an outage of that length is ridden out.
         """
         parsed = urlparse(uri)
         if parsed.scheme == "s3":
@@ -166,9 +181,11 @@ class Store(abc.ABC):
                     secret_key=secret_key,
                     max_attempts=max_attempts,
                     retry_mode=retry_mode,
-                    timeout=timeout,
+                    read_timeout=timeout,
+                    connect_timeout=connect_timeout if connect_timeout is not None else timeout,
                 ),
                 transfer_config=transfer_config,
+                retry_seconds=retry_seconds,
             )
         if parsed.scheme == "file":
             # "file:///abs" -> "/abs"; "file://rel/dir" is read as a relative path "rel/dir".
@@ -390,7 +407,8 @@ def _make_s3_client(
     secret_key: str | None,
     max_attempts: int | None,
     retry_mode: str | None,
-    timeout: float | None,
+    read_timeout: float | None,
+    connect_timeout: float | None,
 ):
     """A boto3 S3 client; retries, checksums and multipart are boto3's own machinery."""
     endpoint = endpoint or os.environ.get("RLP_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -399,15 +417,16 @@ def _make_s3_client(
     retries = {
         "mode": retry_mode or os.environ.get("AWS_RETRY_MODE") or "standard",
         # Total attempts per request, first one included (botocore's "max_attempts" counts retries only).
-        "total_max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 5),
+        "total_max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 3),
     }
     options: dict = {"retries": retries}
     if endpoint:
         # Self-hosted servers (versitygw, Ceph RGW, SeaweedFS) rarely have wildcard DNS for buckets.
         options["s3"] = {"addressing_style": "path"}
-    if timeout is not None:
-        options["connect_timeout"] = timeout
-        options["read_timeout"] = timeout
+    if connect_timeout is not None:
+        options["connect_timeout"] = connect_timeout
+    if read_timeout is not None:
+        options["read_timeout"] = read_timeout
     session = boto3.session.Session(
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
@@ -425,20 +444,42 @@ class S3Store(Store):
     """``s3://bucket/prefix`` through boto3. Objects are uploaded with SHA256 checksums, which the
     server verifies on receipt; our own sha256 (in manifests) covers the whole object end to end."""
 
-    def __init__(self, bucket: str, prefix: str, client, transfer_config: TransferConfig | None = None):
+    def __init__(self, bucket: str, prefix: str, client, transfer_config: TransferConfig | None = None,
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS):
         self.bucket = bucket
         self.prefix = _check_key(prefix, allow_empty=True)
         self.client = client
         self.transfer_config = transfer_config or _default_transfer_config()
+        self.retry_seconds = retry_seconds
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
 
     def child(self, *parts: str) -> S3Store:
         return S3Store(
-            self.bucket, _join(self.prefix, *(_check_key(p) for p in parts)), self.client, self.transfer_config
+            self.bucket, _join(self.prefix, *(_check_key(p) for p in parts)), self.client, self.transfer_config,
+            self.retry_seconds,
         )
 
     def _key(self, key: str) -> str:
         return _join(self.prefix, _check_key(key))
+
+    def _call(self, key: str, action: str, fn: Callable[[], T]) -> T:
+        """``fn()`` with boto3's errors translated (see ``_errors``); tried again with exponential backoff
+        while the server is unavailable, for up to ``retry_seconds`` in all."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = _BACKOFF_FIRST
+        while True:
+            try:
+                with self._errors(key, action):
+                    return fn()
+            except StoreUnavailable as err:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(
+                        f"{err} (gave up after retrying for {self.retry_seconds:g} s: storage.retrySeconds)"
+                    ) from err.__cause__
+                log.warning("S3 unavailable, retrying in %.1f s: %s", min(delay, left), err)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     @contextlib.contextmanager
     def _errors(self, key: str, action: str) -> Iterator[None]:
@@ -449,6 +490,7 @@ class S3Store(Store):
         except ClientError as e:
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(f"{url} does not exist") from None
             if code in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict"):
@@ -462,6 +504,8 @@ class S3Store(Store):
                     f"cannot {action} {url}: access denied ({code}); check the credentials "
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the run's storage secretRef) and the bucket policy"
                 ) from e
+            if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+                raise StoreUnavailable(f"cannot {action} {url}: {code} {err.get('Message', e)}") from e
             raise StoreError(f"cannot {action} {url}: {code} {err.get('Message', e)}") from e
         except NoCredentialsError as e:
             raise StoreError(
@@ -470,29 +514,26 @@ class S3Store(Store):
         except (BotoCoreError, Boto3Error) as e:
             meta = self.client.meta
             attempts = meta.config.retries["total_max_attempts"]
-            raise StoreError(
+            raise StoreUnavailable(
                 f"cannot {action} {url} (endpoint {meta.endpoint_url}, up to {attempts} attempts per request): {e}. "
                 "Check that the S3 endpoint is reachable (RLP_S3_ENDPOINT / storage.endpoint)"
             ) from e
 
     def exists(self, key: str) -> bool:
         try:
-            with self._errors(key, "check"):
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call(key, "check", lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
             return True
         except FileNotFoundError:
             return False
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         extra = {"IfNoneMatch": "*"} if if_absent else {}
-        with self._errors(key, "write"):
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256", **extra
-            )
+        self._call(key, "write", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256", **extra))
 
     def get_bytes(self, key: str) -> bytes:
-        with self._errors(key, "read"):
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        return self._call(key, "read", lambda: self.client.get_object(
+            Bucket=self.bucket, Key=self._key(key))["Body"].read())
 
     def get_head(self, key: str, size: int) -> bytes:
         with self._errors(key, "read"):
@@ -502,14 +543,9 @@ class S3Store(Store):
         local = Path(local)
         digest = sha256_file(local)
         size = local.stat().st_size
-        with self._errors(key, "upload to"):
-            self.client.upload_file(
-                str(local),
-                self.bucket,
-                self._key(key),
-                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                Config=self.transfer_config,
-            )
+        self._call(key, "upload to", lambda: self.client.upload_file(
+            str(local), self.bucket, self._key(key), ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+            Config=self.transfer_config))
         return FileEntry(_check_key(key), size, digest)
 
     def get_file(self, key: str, local: Path, *, sha256: str | None = None) -> None:
@@ -517,8 +553,8 @@ class S3Store(Store):
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
         try:
-            with self._errors(key, "download"):
-                self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer_config)
+            self._call(key, "download", lambda: self.client.download_file(
+                self.bucket, self._key(key), str(tmp), Config=self.transfer_config))
             if sha256 is not None:
                 _check_hash(sha256_file(tmp), sha256, self.url(key))
             os.replace(tmp, local)
@@ -526,43 +562,44 @@ class S3Store(Store):
             tmp.unlink(missing_ok=True)
             raise
 
-    def _iter_objects(self, prefix: str) -> Iterator[dict]:
+    def _objects(self, prefix: str) -> list[dict]:
         prefix = _check_key(prefix, allow_empty=True)
         full = _join(self.prefix, prefix)
-        paginator = self.client.get_paginator("list_objects_v2")
-        with self._errors(prefix, "list"):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{full}/" if full else ""):
-                for obj in page.get("Contents", []):
-                    if not obj["Key"].endswith("/"):  # skip "directory marker" objects
-                        yield obj
+
+        def listing() -> list[dict]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{full}/" if full else "")
+            # skip "directory marker" objects
+            return [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+
+        return self._call(prefix, "list", listing)
 
     def list(self, prefix: str = "") -> list[FileEntry]:
         cut = len(self.prefix) + 1 if self.prefix else 0
-        out = [FileEntry(o["Key"][cut:], o["Size"], "") for o in self._iter_objects(prefix)]
+        out = [FileEntry(o["Key"][cut:], o["Size"], "") for o in self._objects(prefix)]
         return sorted(out, key=lambda e: e.path)
 
     def sha256(self, key: str) -> str:
-        h = hashlib.sha256()
-        with self._errors(key, "read"):
+        def digest() -> str:
+            h = hashlib.sha256()
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
             for chunk in body.iter_chunks(_CHUNK):
                 h.update(chunk)
-        return h.hexdigest()
+            return h.hexdigest()
+
+        return self._call(key, "read", digest)
 
     def delete(self, key: str) -> bool:
         existed = self.exists(key)
-        with self._errors(key, "delete"):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self._call(key, "delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
         return existed
 
     def delete_prefix(self, prefix: str) -> int:
-        keys = [o["Key"] for o in self._iter_objects(prefix)]
+        keys = [o["Key"] for o in self._objects(prefix)]
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys per call
             batch = keys[i : i + 1000]
-            with self._errors(prefix, "delete"):
-                resp = self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
-                )
+            resp = self._call(prefix, "delete", lambda batch=batch: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}))
             if resp.get("Errors"):
                 first = resp["Errors"][0]
                 raise StoreError(

@@ -38,7 +38,7 @@ from torch import nn
 
 from rlp_core.context import RM_DIR, PhaseContext, PhaseError
 from rlp_core.data import PreferencePair, Sample
-from rlp_core.models import encode_pairs, load_reward_model, load_tokenizer, position_ids, save_model
+from rlp_core.models import encode_pairs, last_token_hidden, load_reward_model, save_model
 from rlp_core.reward_learning import by_prompt, gold_accuracy
 from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss
 
@@ -92,13 +92,6 @@ class MIBHeads(nn.Module):
         return self.critic(grid).squeeze(-1)
 
 
-def representation(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The final hidden state at each row's last non-pad token: what the RM's scalar head reads."""
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    hidden = out.last_hidden_state
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
 
 def view_pairs(samples: Sequence[Sample], epochs: float, seed: int) -> list[tuple[str, str, str]]:
     """(prompt, y¹, y²) pairs: per epoch, each prompt's samples shuffled and paired up disjointly."""
@@ -127,7 +120,7 @@ def mib_loss_fn(model, heads: MIBHeads, tokenizer, max_length: int, alpha: float
         prompts = [v[0] for v in views]
         enc = encode_pairs(tokenizer, prompts * 2, [v[1] for v in views] + [v[2] for v in views], max_length)
         ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
-        mu1, mu2 = representation(model, ids, mask).float().chunk(2)
+        mu1, mu2 = last_token_hidden(model, ids, mask).float().chunk(2)
         s1, s2 = heads.scale(mu1), heads.scale(mu2)
         z1, z2 = mu1 + s1 * torch.randn_like(s1), mu2 + s2 * torch.randn_like(s2)
         negatives = torch.tensor([[a != b for b in prompts] for a in prompts], device=model.device)
@@ -147,7 +140,7 @@ def run_refine(ctx: PhaseContext) -> dict[str, Any]:
     cfg = ctx.spec.reward_learning.uml
     training = cfg.training
     init_dir = ctx.reward_model_dir()
-    tokenizer, model = load_tokenizer(init_dir), load_reward_model(init_dir).to(ctx.device)
+    tokenizer, model = ctx.tokenizer(init_dir), load_reward_model(init_dir).to(ctx.device)
     samples = ctx.samples()
     train, held_out = ctx.human_pairs()
     gold = ctx.gold()

@@ -5,7 +5,7 @@ import sys
 
 
 def rlp(*args):
-    return subprocess.run([sys.executable, "-m", "rlp_jobs", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "rlp_cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_rlp_operator_passes_its_flags_through():

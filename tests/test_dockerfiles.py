@@ -187,7 +187,7 @@ def _can_run_as(uid: int) -> bool:
     if os.geteuid() != 0:
         return False
     try:
-        return subprocess.run([sys.executable, "-c", "import rlp_jobs.cli"], user=uid, group=uid, extra_groups=[],
+        return subprocess.run([sys.executable, "-c", "import rlp_cli.main"], user=uid, group=uid, extra_groups=[],
                               cwd="/", capture_output=True, timeout=120).returncode == 0  # fmt: skip
     except PermissionError:
         return False

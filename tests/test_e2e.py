@@ -176,7 +176,7 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
         rig.operator.extra_env["RLP_DEFAULT_JOB_IMAGE"] = request.getfixturevalue("container_images").job
     rig.operator.start()
     s3 = s3_server.client()
-    checkpoint = f"runs/{namespace}/quickstart/round-1/optimize/_checkpoints/state.pt"
+    checkpoint = f"runs/{namespace}/quickstart/round-1/optimize/_checkpoints/LATEST.json"
     t0 = time.monotonic()
     killed = None
     try:

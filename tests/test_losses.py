@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlp_core import losses
-from rlp_core.evaluate import win_rate
+from rlp_core.evaluate import paired_change, win_rate
 
 approx = lambda x: pytest.approx(x, abs=1e-5)  # noqa: E731
 
@@ -98,3 +98,10 @@ def test_win_rate_counts_ties_half_with_an_interval():
     assert res.win_rate == approx(0.75)
     # sd of [1, .5, 1, .5] (n−1) = 0.288675; half-width 1.959964·0.288675/2 = 0.282896
     assert res.ci_low == approx(0.75 - 0.282896) and res.ci_high == approx(1.0)
+
+
+def test_paired_change_of_the_mean_score_with_an_interval():
+    res = paired_change([1, 0, 1, 1], [0, 0, 0, 1])
+    # differences [1, 0, 1, 0]: mean 0.5, sd (n−1) 0.57735, half-width 1.959964·0.57735/2 = 0.565792
+    assert (res.change, res.n) == (approx(0.5), 4)
+    assert res.ci_low == approx(0.5 - 0.565792) and res.ci_high == approx(0.5 + 0.565792)

@@ -191,8 +191,8 @@ def test_unparsable_manifest(tmp_path):
 
 @pytest.fixture
 def s3_phase(s3_server, s3_bucket) -> S3Store:
-    """A phase prefix in a fresh bucket; 2 attempts per request keeps outage tests quick."""
-    return s3_server.store(f"s3://{s3_bucket}/data", max_attempts=2, timeout=10).child(
+    """A phase prefix in a fresh bucket; 2 attempts per request and no outage retries keep outage tests quick."""
+    return s3_server.store(f"s3://{s3_bucket}/data", max_attempts=2, timeout=10, retry_seconds=0).child(
         phase_prefix("ns", "run", 1, "optimize"))
 
 

@@ -89,7 +89,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in {BLOCKED_MODULES!r}:
             raise ImportError('blocked in the operator image: ' + name)
 sys.meta_path.insert(0, Block())
-import rlp_jobs.cli, rlp_operator.main, rlp_operator.crd, rlp_operator.reconciler, rlp_operator.runtime
+import rlp_cli.main, rlp_operator.main, rlp_operator.crd, rlp_operator.reconciler, rlp_operator.runtime
 rlp_operator.main.build_parser().parse_args(['--standalone'])
 assert rlp_operator.crd.render_crd().startswith('# Generated')
 print('ok')

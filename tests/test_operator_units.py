@@ -235,6 +235,16 @@ def test_render_job_multi_node_and_kueue(tmp_path):
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
 
 
+def test_hf_token_and_endpoint_reach_the_pod_from_spec_hub(tmp_path):
+    run = _run(tmp_path, hub={"endpoint": "http://hub-mirror:8080", "secretRef": {"name": "hf", "key": "token"}})
+    job, _ = wl.render_job(run, 1, "optimize", 1, OWNER)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_ENDPOINT"]["value"] == "http://hub-mirror:8080"
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    plain, _ = wl.render_job(_run(tmp_path), 1, "optimize", 1, OWNER)
+    assert not {"HF_TOKEN", "HF_ENDPOINT"} & {e["name"] for e in plain["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
 def test_configmap_holds_the_spec_without_secret_values(tmp_path):
     run = _run(tmp_path, storage={"uri": "s3://bkt/p", "secretRef": {"name": "creds"}})
     cm = wl.render_configmap(run, OWNER)
@@ -723,3 +733,30 @@ def test_runs_without_status_are_counted_as_new(tmp_path):
     assert m.registry.get_sample_value("rlp_runs", {"state": "New"}) == 1
     assert m.registry.get_sample_value("rlp_runs", {"state": "Succeeded"}) == 1
     assert m.registry.get_sample_value("rlp_runs", {"state": "Running"}) == 0
+
+
+def test_redo_annotation_redoes_a_phase_and_what_reads_it(tmp_path):
+    h = Harness(tmp_path)
+    h.reconcile()
+    for phase in FULL:
+        h.complete_phase(phase)
+    assert h.status().phase == "Succeeded"
+    h.kube.objects[(RUNS, h.ns, h.name)]["metadata"]["annotations"][wl.ANNOTATION_REDO] = "round-1/synthesize"
+    h.reconcile()
+    st = h.status()
+    assert {r.name: r.state for r in st.phases} == {"generate": "Succeeded", "refine": "Succeeded",
+                                                    "synthesize": "Running", "optimize": "Pending",
+                                                    "evaluate": "Pending"}  # fmt: skip
+    assert st.phase == "Running" and st.redo == "round-1/synthesize" and "Redo" in h.events.reasons()
+    assert "demo-r1-synthesize-a2" in h.jobs()  # a new attempt, not the finished Job of the first one
+    assert not h.store().child(phase_prefix("team", "demo", 1, "optimize")).list()  # its output is gone
+    for phase in ("synthesize", "optimize", "evaluate"):
+        h.complete_phase(phase)
+    assert h.status().phase == "Succeeded"
+    h.reconcile()  # the same value is not acted on twice
+    assert h.status().phase == "Succeeded"
+
+    h.kube.objects[(RUNS, h.ns, h.name)]["metadata"]["annotations"][wl.ANNOTATION_REDO] = "train"
+    h.reconcile()
+    assert h.status().phase == "Succeeded" and h.events.posted[-1][1] == "RedoRejected"
+    assert "--redo train: no such phase" in h.events.posted[-1][2]

@@ -112,7 +112,7 @@ def test_torchrun_argv_from_the_indexed_jobs_environment():
     cmd = torchrun_argv(argv, env)
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nnodes=3", "--nproc-per-node=4", "--node-rank=2",
                    "--master-addr=run-r2-optimize-a1-0.run-r2-optimize-a1", "--master-port=29500",
-                   "-m", "rlp_jobs", *argv]  # fmt: skip
+                   "-m", "rlp_cli", *argv]  # fmt: skip
     # the node rank falls back to the Job's completion index; GPUS_PER_NODE or the visible GPUs give the width
     cmd = torchrun_argv(argv, {"NNODES": "2", "GPUS_PER_NODE": "2", "JOB_COMPLETION_INDEX": "1"})
     assert "--node-rank=1" in cmd and "--nproc-per-node=2" in cmd and "--master-addr=127.0.0.1" in cmd
@@ -145,7 +145,7 @@ def test_failures_exit_non_zero_with_one_clear_line(tmp_path):
     assert res.returncode == 1, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("rlp phase generate (round 1) failed:"), res.stderr[-2000:]
-    assert "round-0/sft" in last and "Run (or rerun) the phase that produces it first" in last
+    assert "inputs ['round-0/sft'] are not all complete; run them first" in last
     assert not list(store.rglob("_MANIFEST.json")) if store.exists() else True
 
     # a phase that is not in the run's plan
@@ -261,7 +261,7 @@ def test_optimize_on_s3_killed_after_its_first_checkpoint_resumes_from_it(tmp_pa
             samples = scrape(port)
             if samples and labelled(samples, "rlp_job_steps_total", **labels):
                 scraped = samples
-            listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "_checkpoints/").get("KeyCount", 0)
+            listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "_checkpoints/LATEST.json").get("KeyCount", 0)
             if listed:
                 break
             time.sleep(0.05)

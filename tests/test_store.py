@@ -163,7 +163,7 @@ def test_local_list_skips_interrupted_writes(tmp_path):
 @pytest.fixture
 def s3_store(s3_server, s3_bucket) -> S3Store:
     """A store under a fresh bucket; 2 attempts per request keeps outage tests quick."""
-    return s3_server.store(f"s3://{s3_bucket}/root", max_attempts=2, timeout=10)
+    return s3_server.store(f"s3://{s3_bucket}/root", max_attempts=2, timeout=10, retry_seconds=0)
 
 
 @pytest.mark.s3
@@ -240,7 +240,43 @@ def test_s3_unreachable_endpoint_gives_clear_error():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     s = Store.from_uri(
-        "s3://bkt/x", endpoint=f"http://127.0.0.1:{port}", access_key="a", secret_key="b", max_attempts=2
+        "s3://bkt/x", endpoint=f"http://127.0.0.1:{port}", access_key="a", secret_key="b", max_attempts=2,
+        retry_seconds=1,
     )
-    with pytest.raises(StoreError, match=r"cannot write s3://bkt/x/k \(endpoint http://127\.0\.0\.1:\d+, up to 2"):
+    with pytest.raises(StoreError, match=r"cannot write s3://bkt/x/k \(endpoint http://127\.0\.0\.1:\d+, up to 2.*"
+                                         r"gave up after retrying for 1 s: storage.retrySeconds"):
         s.put_bytes("k", b"1")
+
+
+def test_s3_endpoint_that_never_answers_fails_after_the_configured_timeouts():
+    """A server that accepts connections but never replies: bounded by readTimeout and retrySeconds."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        port = sock.getsockname()[1]
+        s = Store.from_uri("s3://bkt/x", endpoint=f"http://127.0.0.1:{port}", access_key="a", secret_key="b",
+                           max_attempts=1, timeout=0.5, retry_seconds=0)
+        with pytest.raises(StoreError, match=r"cannot read s3://bkt/x/k .*(timeout|timed out)"):
+            s.get_bytes("k")
+
+
+@pytest.mark.s3
+def test_s3_outage_is_ridden_out_by_retries(s3_server, s3_bucket, tmp_path):
+    """The server goes away mid-work and comes back: writes and reads wait for it instead of failing."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = s3_server.store(f"s3://{s3_bucket}/root", max_attempts=1, timeout=5, retry_seconds=60)
+    store.put_bytes("before", b"1")
+    s3_server.stop()
+    try:
+        with ThreadPoolExecutor(1) as pool:  # the server is restarted from this thread (its parent-death signal)
+            write = pool.submit(store.put_bytes, "during", b"2")  # issued while the server is down
+            time.sleep(4)
+            assert not write.done()
+            s3_server.start()
+            write.result()
+        assert store.get_bytes("during") == b"2"
+        assert [e.path for e in store.list()] == ["before", "during"]
+    finally:
+        s3_server.start()

@@ -10,11 +10,11 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from rlp_core.data import PreferencePair, Sample
-from rlp_core.models import encode_pairs, reward_scores, train_tokenizer
+from rlp_core.models import encode_pairs, last_token_hidden, position_ids, reward_scores, train_tokenizer
 from rlp_core.spec import Training
 from rlp_core.supervised import fit
 from rlp_core.uml import (
-    MIBHeads, beta_at, gaussian_kl, jsd_mi_lower_bound, mib_loss_fn, representation, symmetric_kl, view_pairs,
+    MIBHeads, beta_at, gaussian_kl, jsd_mi_lower_bound, mib_loss_fn, symmetric_kl, view_pairs,
 )
 
 
@@ -79,9 +79,12 @@ def _tiny_rm():
 def test_reward_head_reads_the_representation():
     tok, model = _tiny_rm()
     enc = encode_pairs(tok, ["1+2=", "13+4="], ["3", "170"], 32)  # different lengths: left padding
-    h = representation(model, enc["input_ids"], enc["attention_mask"])
-    assert torch.allclose(model.score(h).squeeze(-1), reward_scores(model, enc["input_ids"], enc["attention_mask"]),
-                          atol=1e-5)
+    h = last_token_hidden(model, enc["input_ids"], enc["attention_mask"])
+    scores = reward_scores(model, enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(model.score(h).squeeze(-1), scores, atol=1e-5)
+    # pad != EOS here, so transformers' own "last non-pad token" pooling must read the same position
+    hf = model(**{k: enc[k] for k in ("input_ids", "attention_mask")}, position_ids=position_ids(enc["attention_mask"]))
+    assert torch.allclose(hf.logits.squeeze(-1), scores, atol=1e-5)
 
 
 def test_mib_training_raises_the_mi_bound():

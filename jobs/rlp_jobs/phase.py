@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlp_core.spec import SpecError, load_run
+from rlp_core.spec import SpecError, load_run, settings_problems
 
 log = logging.getLogger("rlp.phase")
 
@@ -35,21 +35,23 @@ def torchrun_argv(argv: list[str], env: dict[str, str], local_gpus: int = 1) -> 
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
             f"--node-rank={env.get('NODE_RANK', env.get('JOB_COMPLETION_INDEX', '0'))}",
             f"--master-addr={env.get('MASTER_ADDR', '127.0.0.1')}", f"--master-port={env.get('MASTER_PORT', '29500')}",
-            "-m", "rlp_jobs", *argv]
+            "-m", "rlp_cli", *argv]
 
 
 def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, cache_dir: Path,
-              metrics_port: int = 0) -> int:
+              metrics_port: int = 0, rerun_changed: bool = False, redo: bool = False) -> int:
     logging.basicConfig(level=os.environ.get("RLP_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         run = load_run(spec_path)
     except SpecError as err:
         print(str(err), file=sys.stderr)
         return 2
+    for warning in settings_problems(run.spec)[1]:
+        log.warning("%s", warning)
     # the training stack is imported only once the spec is known to be good (a bad spec fails in a second)
     from rlp_core.data import DataError
     from rlp_core.pipeline import PhaseError, execute_phase
-    from rlp_core.store import Store, StoreError
+    from rlp_core.store import StoreError
     from rlp_core.telemetry import PhaseTelemetry
 
     if name == "optimize":
@@ -65,7 +67,6 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
     elif int(os.environ.get("NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", "0"))) != 0:
         log.info("phase %s runs on node 0 only; node %s has nothing to do", name, os.environ.get("NODE_RANK"))
         return 0
-    storage = run.spec.storage
     telemetry = PhaseTelemetry(run.metadata.name, round, name)
     if metrics_port and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         try:
@@ -73,9 +74,9 @@ def run_phase(name: str, spec_path: Path, round: int, *, store_uri: str | None, 
         except OSError as err:  # a phase without /metrics beats a failed phase
             log.warning("cannot serve /metrics on port %d: %s; the phase runs without it", metrics_port, err)
     try:
-        root = Store.from_uri(store_uri or storage.uri, endpoint=storage.endpoint or os.environ.get("RLP_S3_ENDPOINT"),
-                              region=storage.region)
-        result = execute_phase(run, root, round, name, cache_dir=cache_dir, telemetry=telemetry)
+        root = run.spec.storage.open(store_uri)
+        result = execute_phase(run, root, round, name, cache_dir=cache_dir, telemetry=telemetry,
+                               rerun_changed=rerun_changed, redo=redo)
     except (PhaseError, DataError, StoreError) as err:
         print(f"rlp phase {name} (round {round}) failed: {err}", file=sys.stderr)
         return 1

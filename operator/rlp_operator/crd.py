@@ -47,7 +47,10 @@ LOCKED_FIELDS: tuple[str, ...] = (
     "seed",
     "storage",
 )
-MUTABLE_FIELDS: tuple[str, ...] = ("resources", "phases", "backoffLimit", "suspend", "ttlSecondsAfterFinished")
+MUTABLE_FIELDS: tuple[str, ...] = (
+    "resources", "phases", "backoffLimit", "suspend", "ttlSecondsAfterFinished",
+    "hub",  # access to the Hub (endpoint, token) may change; what is fetched is pinned by the model URI
+)
 
 IMMUTABLE_MESSAGE = (
     "is immutable while the run exists (it defines what is trained); create a new RLPRun to change it"

@@ -32,7 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rlp_core.manifest import Manifest, phase_prefix, verify_manifest
+from rlp_core.manifest import MANIFEST_NAME, Manifest, phase_prefix, verify_manifest
+from rlp_core.provenance import Provenance, downstream, parse_phase_refs
 from rlp_core.spec import API_GROUP, API_VERSION, KIND, RLPRun, SpecError, parse_run
 from rlp_core.store import Store, StoreError
 from rlp_operator import preflight
@@ -158,7 +159,10 @@ class Stores:
                     f"storage.secretRef: Secret {ns}/{st.secret_ref.name} lacks key(s) {', '.join(missing)}"
                 )
             access, secret = (base64.b64decode(data[k]).decode() for k in wl.SECRET_KEYS)
-        store = Store.from_uri(uri, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret)
+        # no long retries inside a reconcile: an unavailable store is reported and looked at again later
+        store = Store.from_uri(uri, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret,
+                               timeout=st.read_timeout_seconds, connect_timeout=st.connect_timeout_seconds,
+                               retry_seconds=0)
         with self._lock:
             self._cache[key] = (now, store)
         return store
@@ -167,8 +171,19 @@ class Stores:
         return self.open(run).child(phase_prefix(run.metadata.namespace, run.metadata.name, round_, phase))
 
     def verify(self, run: RLPRun, round_: int, phase: str) -> tuple[Manifest | None, str]:
+        """The phase's manifest when its output is complete and was made for this spec and these inputs.
+
+        An output made under other spec fields (a run re-created under the same name) is not complete:
+        the phase's pod then fails naming the changed fields. Manifests without a fingerprint (written
+        before rlp recorded provenance) are taken as they are.
+        """
         store = self.phase(run, round_, phase)
-        return verify_manifest(store), store.url() + "/"
+        manifest = verify_manifest(store)
+        if manifest is not None and manifest.fingerprint is not None:
+            expected = Provenance(run, self.open(run)).locate(round_, phase).fingerprint
+            if expected is not None and expected != manifest.fingerprint:
+                manifest = None
+        return manifest, store.url() + "/"
 
     def delete_run_outputs(self, run: RLPRun) -> int:
         return self.open(run).child(run.metadata.namespace, run.metadata.name).delete_prefix("")
@@ -402,6 +417,7 @@ class Reconciler:
     def _advance(self, step: _Step, run: RLPRun, spec_hash: str) -> None:
         st = step.status
         gen = step.body["metadata"].get("generation")
+        self._redo(step, run)
         if st.phase in TERMINAL_RUN_STATES:
             self._after_finished(step, run)
             return
@@ -443,6 +459,40 @@ class Reconciler:
             if not self._start_or_wait(step, run, rec):
                 break
         self._summarize(step, run, was)
+
+    def _redo(self, step: _Step, run: RLPRun) -> None:
+        """Act once on a new `rlp.dev/redo` value: delete the named outputs and those of every phase that
+        reads them, and plan those phases again (what `rlp run --redo` does locally)."""
+        st = step.status
+        value = ((step.body["metadata"].get("annotations") or {}).get(wl.ANNOTATION_REDO) or "").strip()
+        if not value or value == st.redo or not st.phases:
+            return
+        refs = [ref.strip() for ref in value.split(",") if ref.strip()]
+        try:
+            targets = downstream(run.spec, parse_phase_refs(run.spec, refs))
+        except ValueError as e:
+            st.redo, step.changed = value, True
+            step.event(self, "Warning", "RedoRejected", f"{wl.ANNOTATION_REDO}: {e}")
+            return
+        records = [r for r in st.phases if r.key in targets and run.spec.phase_enabled(r.name)]
+        running = [f"{r.name}@{r.round}" for r in records if r.state == "Running"]
+        if running:
+            st.redo, step.changed = value, True
+            step.event(self, "Warning", "RedoRejected", f"{wl.ANNOTATION_REDO}={value}: {', '.join(running)} "
+                       "still running; set the annotation again (another value) once it has finished")
+            return
+        for rec in records:  # outputs first: a store error leaves status.redo unset, so this is tried again
+            store = self.stores.phase(run, rec.round, rec.name)
+            store.delete(MANIFEST_NAME)
+            store.delete_prefix("")
+        for rec in records:
+            rec.failures = 0
+            rec.finished_at = rec.next_attempt_at = rec.output = rec.metrics = None
+            self._transition(step, rec, "Pending", "Redo", f"{wl.ANNOTATION_REDO}={value}")
+        if st.phase in TERMINAL_RUN_STATES:
+            st.phase, st.finished_at = "Pending", None
+        st.redo = value
+        step.event(self, "Normal", "Redo", "redoing " + ", ".join(f"{r.name}@{r.round}" for r in records))
 
     def _preflight(self, step: _Step, run: RLPRun) -> bool:
         """Before the run's first Job: storage, data and models checked (`preflight.check_run`), once.

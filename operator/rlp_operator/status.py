@@ -73,6 +73,7 @@ class RLPRunStatus(_StatusModel):
     finished_at: str | None = None
     observed_generation: int | None = Field(None, description="metadata.generation last acted upon.")
     spec_hash: str | None = Field(None, description="Hash of the fields that may not change while the run exists.")
+    redo: str | None = Field(None, description="The rlp.dev/redo annotation value last acted upon.")
     phases: list[PhaseRecord] = Field(default_factory=list, description="Per-phase records in execution order.")
     conditions: list[Condition] = Field(default_factory=list)
 

@@ -25,6 +25,9 @@ MANAGED_BY = "rlp-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 FINALIZER = "rlp.dev/cleanup"
 ANNOTATION_DELETE_CHECKPOINTS = "rlp.dev/delete-checkpoints"
+# Redo these phase outputs (comma-separated: PHASE or round-K/PHASE) and every phase that reads them;
+# each new value is acted on once (status.redo), like `rlp run --redo`.
+ANNOTATION_REDO = "rlp.dev/redo"
 # A JSON object of annotations put on every phase pod (e.g. sidecar opt-outs, autoscaler hints).
 ANNOTATION_POD_ANNOTATIONS = "rlp.dev/pod-annotations"
 
@@ -253,6 +256,12 @@ def render_job(
             {"name": key, "valueFrom": {"secretKeyRef": {"name": storage.secret_ref.name, "key": key}}}
             for key in SECRET_KEYS
         ]
+    hub = spec.hub  # hf:// models are fetched in the pod with these
+    if hub.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hub.endpoint})
+    if hub.secret_ref:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hub.secret_ref.name,
+                                                                        "key": hub.secret_ref.key}}})
     service = None
     if nodes > 1:
         svc = service_name(job)

@@ -1,5 +1,5 @@
 import sys
 
-from rlp_jobs.cli import main
+from rlp_cli.main import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""The `rlp` command: run a whole RLPRun locally, run one phase (job pods), print the CRD, run the operator."""
+"""The `rlp` command: run a whole RLPRun locally, verify its outputs, run one phase (job pods), print the CRD, run
+the operator. The operator and the training stack are imported only by the subcommands that need them."""
 
 from __future__ import annotations
 
@@ -7,28 +8,45 @@ import os
 import sys
 from pathlib import Path
 
-from rlp_core.data import DataError
 from rlp_core.spec import SpecError, load_run
 
 
+def _one_line(err: BaseException) -> str:
+    """An error as the line a user reads. rlp_core's errors (spec, data, store, phase, checkpoint) and the
+    store's missing-object errors say what to fix; anything else is named by its type."""
+    if type(err).__module__.startswith("rlp_core.") or isinstance(err, (FileNotFoundError, FileExistsError)):
+        return " ".join(str(err).split())
+    return f"{type(err).__name__}: {err} (rerun with --debug for the traceback)"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rlp_core.pipeline import PhaseError
+    run = load_run(args.spec)  # before the training stack is imported: a bad spec fails in a fraction of a second
     from rlp_core.runner import run_local
 
-    run = load_run(args.spec)
-    try:
-        report = run_local(run, store_uri=args.store, cache_dir=Path(args.cache_dir))
-    except (PhaseError, DataError) as err:
-        print(f"rlp run: {err}", file=sys.stderr)
-        return 2
+    report = run_local(run, store_uri=args.store, cache_dir=Path(args.cache_dir), rerun_changed=args.rerun_changed,
+                       redo=args.redo)
     return 0 if report.evaluation is not None else 1
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from rlp_core.provenance import verify_run
+
+    run = load_run(args.spec)
+    rows = verify_run(run, run.spec.storage.open(args.store))
+    for key, state, detail in rows:
+        print(f"{key:24} {state:8} {detail}")
+    broken = [key for key, state, _ in rows if state in ("damaged", "changed")]
+    if broken:
+        print(f"to redo them and what reads them: rlp run {args.spec} --redo {' --redo '.join(broken)}"
+              + (f" --store {args.store}" if args.store else ""), file=sys.stderr)
+    return 1 if broken else 0
 
 
 def _cmd_phase(args: argparse.Namespace) -> int:
     from rlp_jobs.phase import run_phase
 
     return run_phase(args.name, Path(args.spec), args.round, store_uri=args.store, cache_dir=Path(args.cache_dir),
-                     metrics_port=args.metrics_port)
+                     metrics_port=args.metrics_port, rerun_changed=args.rerun_changed, redo=args.redo)
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -53,7 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="RLPRun YAML, e.g. examples/quickstart.yaml")
     run.add_argument("--store", help="storage URI overriding spec.storage.uri (file://dir or s3://bucket/prefix)")
     run.add_argument("--cache-dir", default=cache, help="local cache of fetched phase outputs and reports")
+    run.add_argument("--rerun-changed", action="store_true",
+                     help="phases whose output was made under other spec fields or inputs run again under a new "
+                          "output path (round-K/PHASE~FINGERPRINT) instead of stopping the run")
+    run.add_argument("--redo", action="append", default=[], metavar="PHASE",
+                     help="delete and redo PHASE (every round) or round-K/PHASE, and every phase that reads it; "
+                          "repeatable")
+    run.add_argument("--debug", action="store_true", help="print the traceback of an error")
     run.set_defaults(func=_cmd_run)
+
+    verify = sub.add_parser("verify", help="re-hash every output of a run and say which phase to redo")
+    verify.add_argument("spec", help="RLPRun YAML")
+    verify.add_argument("--store", help="storage URI overriding spec.storage.uri")
+    verify.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    verify.set_defaults(func=_cmd_verify)
 
     phase = sub.add_parser("phase", help="run one phase of one round (what a job pod runs)")
     phase.add_argument("name", choices=["sft", "reward", "generate", "refine", "synthesize", "optimize", "evaluate"])
@@ -63,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     phase.add_argument("--cache-dir", default=cache)
     phase.add_argument("--metrics-port", type=int, default=int(os.environ.get("RLP_METRICS_PORT", "0")),
                        help="serve /metrics on this port while the phase runs (0: off)")
+    phase.add_argument("--rerun-changed", action="store_true", help="as for rlp run")
+    phase.add_argument("--redo", action="store_true", help="delete this phase's output and run it again")
     phase.set_defaults(func=_cmd_phase)
 
     crd = sub.add_parser("crd", help="print the RLPRun CustomResourceDefinition generated from the spec model")
@@ -83,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SpecError as err:
         print(str(err), file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one line for the user; the traceback behind --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"rlp {args.command}: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,116 @@
+"""SmolLM2-135M-Instruct on reasoning-gym's basic_arithmetic, through the product's own pipeline.
+
+    uv run --all-extras python -m bench.smollm2 --work /tmp/smollm2-bench     # writes docs/bench/smollm2.{md,json}
+
+Runs `examples/smollm2-arith.yaml` (RM trained from the policy's backbone on gold-labelled pairs with 20%
+annotator noise, then generate → optimize with LoRA PPO → evaluate) twice, each in its own process
+(`rlp run`'s `run_local`, so its peak RSS is its own): against the learned RM, and against the gold
+reward itself (`optimization.reward: judge`, the ceiling). Then the gold accuracy of the starting model
+and of both tuned policies on the held-out evaluation questions, greedy and sampled (T=0.7), with the
+paired change against the start and its 95% interval (normal approximation over questions).
+On a shared CPU torch runs one thread (intra-op threads spin at barriers while the other core is busy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from rlp_core.data import Prompt, load_records
+from rlp_core.evaluate import paired_change
+from rlp_core.judges import programmatic_judge
+from rlp_core.models import load_policy, load_tokenizer
+from rlp_core.pretrained import fetch_model
+from rlp_core.sampling import decode_responses, sample_responses
+from rlp_core.spec import parse_run
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2-arith.yaml"
+VARIANTS = {"learned-rm": "reward-model", "gold-reward": "judge"}
+
+
+def spec_doc(work: Path, variant: str, steps: int | None) -> dict:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["name"] = f"smollm2-{variant}"
+    doc["spec"]["storage"]["uri"] = f"file://{work / 'store'}"
+    doc["spec"]["optimization"]["reward"] = VARIANTS[variant]
+    if steps is not None:
+        doc["spec"]["optimization"]["steps"] = steps
+    return doc
+
+
+def run_variant(work: Path, variant: str, steps: int | None) -> dict:
+    """One pipeline run in this process (called in a child): phase times, evaluate metrics, peak RSS."""
+    from rlp_core.runner import run_local
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    report = run_local(parse_run(spec_doc(work, variant, steps)), cache_dir=work / "cache", report_dir=work / variant)
+    phases = {f"{r.round}/{r.phase}": {"state": r.state, "seconds": r.seconds,
+                                       "metrics": r.manifest.metrics if r.manifest else {}} for r in report.results}
+    return {"variant": variant, "seconds": time.perf_counter() - t0, "phases": phases,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def accuracy(policy_dir: Path, prompts: list[str], judge, greedy: bool, seed: int = 0) -> list[float]:
+    tok, model = load_tokenizer(policy_dir), load_policy(policy_dir).eval()
+    torch.manual_seed(seed)
+    out: list[float] = []
+    for i in range(0, len(prompts), 16):
+        chunk = prompts[i : i + 16]
+        roll = sample_responses(model, tok, chunk, max_new_tokens=8, temperature=0.7, do_sample=not greedy)
+        out += [float(judge(p, r) == 1.0) for p, r in zip(chunk, decode_responses(tok, roll))]
+    return out
+
+
+def policy_dir(work: Path, variant: str) -> Path:
+    return work / "cache" / "default" / f"smollm2-{variant}" / "round-1" / "optimize" / "policy"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--steps", type=int, help="PPO steps (default: the example's)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.variant:
+        print(json.dumps(run_variant(args.work, args.variant, args.steps)))
+        return 0
+    runs = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, "-m", "bench.smollm2", "--work", str(args.work), "--variant", variant]
+        cmd += ["--steps", str(args.steps)] if args.steps else []
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        runs[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    torch.set_num_threads(1)
+    example = parse_run(yaml.safe_load(EXAMPLE.read_text())).spec
+    judge = programmatic_judge(example.evaluation.judge)
+    prompts = [p.prompt for p in load_records(example.evaluation.prompts, Prompt)]
+    results = {}
+    for greedy in (True, False):
+        mode = "greedy" if greedy else "sampled"
+        base = accuracy(fetch_model("smollm2"), prompts, judge, greedy)
+        results[mode] = {"start": sum(base) / len(base)}
+        for variant in VARIANTS:
+            tuned = accuracy(policy_dir(args.work, variant), prompts, judge, greedy)
+            results[mode][variant] = {"accuracy": sum(tuned) / len(tuned),
+                                      **paired_change(tuned, base).as_dict("change_")}
+    doc = {"eval_prompts": len(prompts), "accuracy": results, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "smollm2.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

