@@ -469,7 +469,7 @@ class Toleration(SpecModel):
 class Resources(SpecModel):
     """Where and how the phase workloads run on a cluster (ignored by `rlp run`)."""
 
-    image: Image = Field("ghcr.io/rlp-dev/rlp-job:0.1.0", description="Container image of the phase jobs.")
+    image: Image = Field("rlp-job:0.1.0", description="Container image of the phase jobs.")
     gpus_per_pod: int = Field(1, ge=0, le=64)
     nodes: int = Field(1, ge=1, le=1024, description="Pods per phase (indexed Job with a headless Service when >1).")
     cpu: Quantity = Field("4", description="CPU request per pod.")

@@ -7,6 +7,8 @@
 - ``s3_server`` (session): infra.S3Server — versitygw
 - ``s3_client``: a boto3 S3 client for it
 - ``s3_bucket``: str, a fresh bucket per test, deleted after
+- ``container_images`` (session): infra.images.ContainerImages — the operator and job images, built by
+  scripts/build-images.sh (cached by the hash of their inputs) and run with podman
 """
 
 import sys
@@ -18,6 +20,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from infra.fixtures import (  # noqa: E402,F401 - fixtures and hooks are registered by name
+    container_images,
     control_plane,
     kube_api,
     namespace,

@@ -24,11 +24,20 @@ and the Ready condition's heartbeat), and for every pod the real scheduler binds
 5. on a pod's deletion sends SIGTERM to its process group, SIGKILL after the grace period (at most 10 s),
    reports the terminal status and removes the pod (grace period 0), as the kubelet does.
 
+Container mode (``NodeAgent(..., podman=infra.images.Podman())``): step 3 is ``podman run`` of the pod's
+image instead (``--pull never``: the image must have been built on this machine, e.g. by
+scripts/build-images.sh), with the pod's command as the entrypoint and its args, its resolved env, each
+volume bind-mounted at its ``mountPath`` (no rewriting; emptyDirs world-writable as the kubelet makes
+them, ``readOnly`` mounts read-only), the host network (the loopback test servers are reachable, the pod
+IP stays 127.0.0.1), and the security context applied: ``runAsUser``/``runAsGroup``/``fsGroup``,
+``readOnlyRootFilesystem`` (nothing but the pod's volumes writable), ``capabilities.drop``,
+``allowPrivilegeEscalation: false``. Killing and deleting a pod go through ``podman kill``/``podman stop``.
+
 Not supported (the pod fails with a message saying so): more than one container, init containers,
-hostPath/PVC and other volume types, resourceFieldRef. restartPolicy is treated as Never. Containers
-run with the agent's Python environment on PATH (the image is not used), so ``rlp`` and ``python`` are
-the repository's. ``stop()`` kills every process group it started (they also die with the test process:
-PR_SET_PDEATHSIG) and deletes the Node and its Lease.
+hostPath/PVC and other volume types, resourceFieldRef. restartPolicy is treated as Never. In process
+mode containers run with the agent's Python environment on PATH (the image is not used), so ``rlp`` and
+``python`` are the repository's. ``stop()`` kills every process group (and container) it started (the
+processes also die with the test process: PR_SET_PDEATHSIG) and deletes the Node and its Lease.
 
     agent = NodeAgent(api_client, "rlp-agent", labels={...}, taints=[...]).start()
     ...                                    # pods with nodeSelector/tolerations for it run for real
@@ -42,6 +51,7 @@ Also runnable by hand against a kubeconfig: ``python tests/node_agent.py --kubec
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -57,12 +67,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from infra._process import Workdir, _child_setup, _kill_group, register_for_cleanup, unregister  # noqa: E402
+from infra.images import Podman  # noqa: E402
 
 log = logging.getLogger("rlp.test.node_agent")
 
@@ -147,6 +160,7 @@ class _PodRun:
     dir: Path
     log_path: Path
     fallback_to_logs: bool
+    container_name: str | None = None  # container mode: the podman container running it
     popen: subprocess.Popen | None = None
     started_at: str = ""
     exit_code: int | None = None
@@ -168,6 +182,7 @@ class NodeAgent:
         taints: list[dict[str, str]] | None = None,
         capacity: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
+        podman: Podman | None = None,
         poll_seconds: float = 0.25,
         heartbeat_seconds: float = 5.0,
     ):
@@ -177,6 +192,7 @@ class NodeAgent:
         self.taints = list(taints or [])
         self.capacity = capacity or {"cpu": "16", "memory": "64Gi", "pods": "32", "ephemeral-storage": "100Gi"}
         self.extra_env = dict(extra_env or {})
+        self.podman = podman
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.runs: dict[str, _PodRun] = {}  # by pod uid
@@ -206,7 +222,7 @@ class NodeAgent:
         self._stop.set()
         for run in list(self.runs.values()):
             if run.popen is not None and run.popen.poll() is None:
-                _kill_group(run.popen.pid, signal.SIGKILL)
+                self._signal(run, signal.SIGKILL)
                 try:
                     run.popen.wait(10)
                 except subprocess.TimeoutExpired:  # pragma: no cover
@@ -232,11 +248,18 @@ class NodeAgent:
         self.stop()
 
     def kill(self, namespace: str, pod: str, sig: int = signal.SIGKILL) -> bool:
-        """Signal a running pod's process group (an OOM kill, a crash); False when it is not running."""
+        """Signal a running pod's process group or container (an OOM kill, a crash); False when it is not
+        running."""
         for run in list(self.runs.values()):
             if run.namespace == namespace and run.name == pod and run.popen is not None and run.popen.poll() is None:
-                return _kill_group(run.popen.pid, sig)
+                return self._signal(run, sig)
         return False
+
+    def _signal(self, run: _PodRun, sig: int) -> bool:
+        """Send ``sig`` to a run's container (container mode) or process group."""
+        if run.container_name:
+            return self.podman.run("kill", "--signal", str(int(sig)), run.container_name, timeout=60).returncode == 0
+        return _kill_group(run.popen.pid, sig)
 
     def running(self, namespace: str) -> list[str]:
         """Names of the pods of ``namespace`` whose process is running now."""
@@ -331,7 +354,7 @@ class NodeAgent:
                     self._sync(pod)
                 for uid, run in list(self.runs.items()):  # gone from the API (force-deleted): stop it
                     if uid not in seen and run.popen is not None and run.popen.poll() is None:
-                        _kill_group(run.popen.pid, signal.SIGKILL)
+                        self._signal(run, signal.SIGKILL)
             except (ApiError, OSError) as err:
                 log.warning("pod sync failed: %s", err)
             except Exception as err:  # noqa: BLE001 - keep the node alive; the test sees it in .errors
@@ -375,6 +398,9 @@ class NodeAgent:
         pod_dir = self._wd.path / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         env = self._env(pod, container)
         mounts = self._volumes(pod, container, pod_dir / "volumes")
+        if self.podman is not None:
+            self._start_container(pod, container, pod_dir, env, mounts)
+            return
         rewrite = _path_rewriter(mounts)
         for var in container.get("env") or []:  # literal values may name mounted paths
             if "value" in var and var["name"] in env:
@@ -390,19 +416,62 @@ class NodeAgent:
         cwd = Path(rewrite(container["workingDir"])) if container.get("workingDir") else pod_dir / "work"
         for d in (cwd, pod_dir / "home"):
             d.mkdir(parents=True, exist_ok=True)
-        run = _PodRun(meta["namespace"], meta["name"], meta["uid"], container["name"], container.get("image", ""),
-                      pod_dir, pod_dir / f"{container['name']}.log",
-                      container.get("terminationMessagePolicy") == "FallbackToLogsOnError")  # fmt: skip
+        run = self._new_run(pod, container, pod_dir)
+        self._launch(pod, run, [exe, *argv[1:]], cwd, full_env, shown=argv)
+
+    def _start_container(self, pod: dict[str, Any], container: dict[str, Any], pod_dir: Path, env: dict[str, str],
+                         mounts: dict[str, str]) -> None:  # fmt: skip
+        """``podman run`` of the pod's image with its command, env, volumes and security context."""
+        meta = pod["metadata"]
+        security = {**(pod["spec"].get("securityContext") or {}), **(container.get("securityContext") or {})}
+        run = self._new_run(pod, container, pod_dir)
+        run.container_name = f"{self.node_name}-{meta['uid'][:18]}"
+        args = ["run", "--rm", "--name", run.container_name, "--pull", "never", "--network", "host"]
+        if "runAsUser" in security:
+            args += ["--user", f"{security['runAsUser']}:{security.get('runAsGroup', security['runAsUser'])}"]
+        if "fsGroup" in security:
+            args += ["--group-add", str(security["fsGroup"])]
+        if security.get("readOnlyRootFilesystem"):
+            args += ["--read-only", "--read-only-tmpfs=false"]
+        for cap in (security.get("capabilities") or {}).get("drop") or []:
+            args += ["--cap-drop", cap]
+        if security.get("allowPrivilegeEscalation") is False:
+            args += ["--security-opt", "no-new-privileges"]
+        read_only = {m["mountPath"].rstrip("/") or "/" for m in container.get("volumeMounts") or [] if m.get("readOnly")}
+        for mount_path, local in mounts.items():
+            args += ["--volume", f"{local}:{mount_path}" + (":ro" if mount_path in read_only else "")]
+        shown = list(args)
+        for name, value in sorted({**self.extra_env, **env}.items()):
+            args += ["--env", f"{name}={value}"]
+            shown += ["--env", name]  # values stay out of the log: some are Secrets'
+        rest = []
+        if container.get("workingDir"):
+            rest += ["--workdir", container["workingDir"]]
+        if container.get("command"):
+            rest += ["--entrypoint", json.dumps([_expand(a, env) for a in container["command"]])]
+        rest += [container["image"], *(_expand(a, env) for a in container.get("args") or [])]
+        self._launch(pod, run, self.podman.argv(*args, *rest), pod_dir, self.podman.env, shown=[*shown, *rest])
+
+    def _new_run(self, pod: dict[str, Any], container: dict[str, Any], pod_dir: Path) -> _PodRun:
+        meta = pod["metadata"]
+        return _PodRun(meta["namespace"], meta["name"], meta["uid"], container["name"], container.get("image", ""),
+                       pod_dir, pod_dir / f"{container['name']}.log",
+                       container.get("terminationMessagePolicy") == "FallbackToLogsOnError")  # fmt: skip
+
+    def _launch(self, pod: dict[str, Any], run: _PodRun, argv: list[str], cwd: Path, env: dict[str, str], *,
+                shown: list[str]) -> None:  # fmt: skip
+        """Start ``argv`` for ``run``, report the pod Running and watch for its exit."""
+        run.dir.mkdir(parents=True, exist_ok=True)
         with open(run.log_path, "ab") as out:
-            out.write(f"--- node agent: {' '.join(argv)}\n".encode())
+            out.write(f"--- node agent: {' '.join(shown)}\n".encode())
             out.flush()
-            run.popen = subprocess.Popen([exe, *argv[1:]], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=out,
+            run.popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=_child_setup, close_fds=True)  # noqa: PLW1509
         self._wd.record(run.popen.pid)
         run.started_at = _now()
         self.runs[run.uid] = run
         self._waiting.pop(run.uid, None)
-        log.info("started %s/%s (pid %d): %s", run.namespace, run.name, run.popen.pid, argv)
+        log.info("started %s/%s (pid %d): %s", run.namespace, run.name, run.popen.pid, shown)
         try:
             self._patch_status(run, self._running_status(pod, run))
         except ApiError as err:
@@ -467,6 +536,7 @@ class NodeAgent:
             path.mkdir(parents=True, exist_ok=True)
             dirs[vol["name"]] = path
             if "emptyDir" in vol:
+                path.chmod(0o777)  # as the kubelet makes it: writable by the container's user
                 continue
             if "configMap" in vol or "secret" in vol:
                 self._write_source(ns, vol, path)
@@ -593,11 +663,11 @@ class NodeAgent:
         run.finished.set()
 
     def _terminate(self, run: _PodRun, grace: float) -> None:
-        _kill_group(run.popen.pid, signal.SIGTERM)
+        self._signal(run, signal.SIGTERM)
         try:
             run.popen.wait(grace)
         except subprocess.TimeoutExpired:
-            _kill_group(run.popen.pid, signal.SIGKILL)
+            self._signal(run, signal.SIGKILL)
 
     def _force_delete(self, ns: str, name: str, uid: str) -> None:
         self._deleted.add(uid)
@@ -632,6 +702,33 @@ class NodeAgent:
             self.api.merge_patch(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", {"status": status})
         except ApiError as err:
             log.warning("could not fail %s/%s: %s", meta["namespace"], meta["name"], err)
+
+
+# --------------------------------------------------------------------------------------------------
+# for tests: an agent whose node takes only the pods that ask for it
+
+AGENT_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
+AGENT_NODE_LABEL = "rlp.dev/agent-node"
+
+
+@contextlib.contextmanager
+def running_agent(control_plane, *, podman: Podman | None = None) -> Iterator[NodeAgent]:
+    """A started agent on a fresh node, tainted so that only pods placed with ``on_agent`` land there;
+    stopped after, and its loops must have run without unexpected errors."""
+    name = f"rlp-agent-{uuid.uuid4().hex[:6]}"
+    agent = NodeAgent(control_plane.api_client(), name, labels={AGENT_NODE_LABEL: name}, taints=[AGENT_TAINT],
+                      podman=podman).start()  # fmt: skip
+    try:
+        yield agent
+    finally:
+        agent.stop()
+    assert not agent.errors, agent.errors
+
+
+def on_agent(agent: NodeAgent) -> dict:
+    """Pod spec fields (also RLPRun spec.resources fields) that put a pod on the agent's node and only there."""
+    return {"nodeSelector": {AGENT_NODE_LABEL: agent.node_name},
+            "tolerations": [{"key": AGENT_TAINT["key"], "operator": "Equal", "value": "true", "effect": "NoSchedule"}]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The job image (jobs/Dockerfile): linted, built only from the lock file, and its entrypoint run as a process.
+"""The job image's recipe (jobs/Dockerfile): linted, built only from the lock file, its entrypoint run as a process.
 
-There is no Docker daemon on these machines, so the image is not built here. Instead: hadolint on both
-Dockerfiles, checks that the job image is pinned to what the lock file and the test script use, and
-`rlp phase` run the way the image runs it: the final stage's ENV (with its /tmp and /var/cache/rlp on
+The built images are tested in tests/test_images.py. Here: hadolint on both Dockerfiles, checks that the
+job image is pinned to what the lock file and the test script use, and `rlp phase` run the way the image
+runs it: the final stage's ENV (with its /tmp and /var/cache/rlp on
 fresh directories standing in for the operator's emptyDirs), as uid 10001 when the tests run as root,
 with the spec read-only where the operator mounts it and nothing else writable.
 """
@@ -79,16 +79,17 @@ def test_dockerfile_lints_clean(dockerfile):
 
 def test_job_image_is_pinned_to_the_lock_file():
     ins = instructions(JOBS_DOCKERFILE)
-    text = " ".join(args for _, args in ins)
+    uv_version = re.search(r"^UV_VERSION=(\S+)", (ROOT / "scripts" / "test.sh").read_text(), re.M).group(1)
     bases = {args.split()[0] for word, args in ins if word == "FROM"}
+    uv_images = {base for base in bases if base.startswith("ghcr.io/astral-sh/uv:")}
+    assert uv_images == {f"ghcr.io/astral-sh/uv:{uv_version}"}  # uv's own image, the version the test script uses
+    bases -= uv_images
     assert len(bases) == 1, bases  # build and runtime stages on the same base: the venv's python is the same
     m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu24\.04", bases.pop())
     assert m, "the job image's base is an NVIDIA CUDA image pinned by full tag"
     lock = tomllib.loads((ROOT / "uv.lock").read_text())
     cuda = next(p["version"] for p in lock["package"] if p["name"] == "nvidia-cuda-runtime")
     assert cuda.split(".")[:2] == [m.group(1), m.group(2)], f"base CUDA {m.groups()} vs torch's CUDA runtime {cuda}"
-    uv_version = re.search(r"^UV_VERSION=(\S+)", (ROOT / "scripts" / "test.sh").read_text(), re.M).group(1)
-    assert f"uv=={uv_version}" in text  # uv from its PyPI package, the version the test script uses
     syncs = [args for word, args in ins if word == "RUN" and "uv sync" in args]
     assert syncs and all("--locked" in s and "--no-dev" in s for s in syncs)
     assert "--no-editable" in syncs[-1]  # the project is installed into the venv, the sources stay behind
@@ -104,9 +105,11 @@ def test_job_image_is_pinned_to_the_lock_file():
     for src in copied:
         assert (ROOT / src).exists(), src
         assert src.split("/")[0] not in ignored, src
+    assert "." in copied  # the whole build context: pyproject.toml decides what goes into the wheel
     wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
     for package in wheel["packages"]:
-        assert package in copied or package.split("/")[0] in copied, package
+        assert package.split("/")[0] not in ignored, package
+        assert Path(package).name not in ignored, package
     assert "README.md" in copied and "uv.lock" in copied
 
 

@@ -2,43 +2,41 @@
 
 The control plane is the suite's own (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; kwok
 stays for the other tests and does not touch the node used here). Phase pods are scheduled by the real
-scheduler onto a node registered by tests/node_agent.py, which runs each pod's command as a local
-process with the pod's environment (Secret and ConfigMap references resolved from the API, the spec
-ConfigMap materialised as files) and reports its real exit status back to the apiserver.
+scheduler onto a node registered by tests/node_agent.py, which runs each pod's command with the pod's
+environment (Secret and ConfigMap references resolved from the API, the spec ConfigMap materialised as
+files) and reports its real exit status back to the apiserver. The quickstart runs twice: with each pod
+as a local process, and with each pod as a real container of the built job image (podman, the pod's
+security context: uid 10001, read-only root filesystem, emptyDirs), the image set where a user sets it
+(the operator's RLP_DEFAULT_JOB_IMAGE, the chart's jobDefaults.image).
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
 from infra.kube import wait_until
-from node_agent import NodeAgent
-
-AGENT_TAINT = {"key": "rlp.dev/node-agent", "value": "true", "effect": "NoSchedule"}
+from node_agent import NodeAgent, on_agent, running_agent
 
 
 @pytest.fixture(scope="module")
 def node_agent(control_plane):
-    name = f"rlp-agent-{uuid.uuid4().hex[:6]}"
-    agent = NodeAgent(control_plane.api_client(), name, labels={"rlp.dev/agent-node": name}, taints=[AGENT_TAINT])
-    agent.start()
-    try:
+    with running_agent(control_plane) as agent:
         yield agent
-    finally:
-        agent.stop()
-    assert not agent.errors, agent.errors
 
 
-def on_agent(agent: NodeAgent) -> dict:
-    """Pod spec fields that put a pod on the agent's node and only there."""
-    return {"nodeSelector": {"rlp.dev/agent-node": agent.node_name},
-            "tolerations": [{"key": AGENT_TAINT["key"], "operator": "Equal", "value": "true", "effect": "NoSchedule"}]}  # fmt: skip
+@pytest.fixture(scope="module")
+def phase_agent(request, control_plane):
+    """The agent that runs the quickstart's phase pods: as processes, or as containers of the job image."""
+    if request.param == "processes":
+        yield request.getfixturevalue("node_agent")
+        return
+    with running_agent(control_plane, podman=request.getfixturevalue("container_images").podman) as agent:
+        yield agent
 
 
 def job(name: str, container: dict, agent: NodeAgent, **pod_spec) -> dict:
@@ -162,15 +160,20 @@ def quickstart_spec(rig, agent: NodeAgent) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("phase_agent", ["processes", pytest.param("containers", marks=pytest.mark.containers)],
+                         indirect=True)  # fmt: skip
 def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in_s3_through_a_kill(
-    control_plane, kube_api, namespace, s3_server, s3_bucket, node_agent, tmp_path
+    request, control_plane, kube_api, namespace, s3_server, s3_bucket, phase_agent, tmp_path
 ):
     from operator_fixtures import ClusterRig
 
     from rlp_core.manifest import verify_manifest
     from rlp_core.store import Store
 
+    node_agent = phase_agent
     rig = ClusterRig(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path)
+    if node_agent.podman is not None:  # the job image, where an installation sets it
+        rig.operator.extra_env["RLP_DEFAULT_JOB_IMAGE"] = request.getfixturevalue("container_images").job
     rig.operator.start()
     s3 = s3_server.client()
     checkpoint = f"runs/{namespace}/quickstart/round-1/optimize/_checkpoints/LATEST.json"
@@ -202,7 +205,7 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
         assert records[phase]["state"] == "Succeeded", records[phase]
         assert records[phase]["attempts"] == (2 if phase == "optimize" else 1), records[phase]
 
-    # every phase really ran, as a process on the agent's node, and exited 0
+    # every phase really ran, as a process (or a container of the job image) on the agent's node, and exited 0
     for phase in ran:
         pods = rig.pods_of(records[phase]["job"])
         assert len(pods) == 1
@@ -210,7 +213,12 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
         assert pod["spec"]["nodeName"] == node_agent.node_name
         assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
         round_ = records[phase]["round"]
-        assert f"phase {phase} round {round_}: Succeeded" in node_agent.log(namespace, pod["metadata"]["name"])
+        log = node_agent.log(namespace, pod["metadata"]["name"])
+        assert f"phase {phase} round {round_}: Succeeded" in log
+        if node_agent.podman is not None:
+            image = request.getfixturevalue("container_images").job
+            assert pod["spec"]["containers"][0]["image"] == image
+            assert log.startswith("--- node agent: run ") and image in log.splitlines()[0].split()
     # the killed attempt: its pod failed with the SIGKILL exit code the kubelet would report
     first = rig.pods_of(records["optimize"]["job"].replace("-a2", "-a1"))
     assert [p["metadata"]["name"] for p in first] == [killed]
@@ -244,7 +252,7 @@ def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in
     evaluation = records["evaluate"]["metrics"]
     assert 0 <= evaluation["ci_low"] <= evaluation["win_rate"] <= evaluation["ci_high"] <= 1
     assert evaluation["n"] == 64
-    print(f"quickstart RLPRun: apply -> Succeeded in {elapsed:.0f} s (optimize killed once, resumed from step "
+    print(f"quickstart RLPRun, pods as {request.node.callspec.params['phase_agent']}: apply -> Succeeded in {elapsed:.0f} s (optimize killed once, resumed from step "
           f"{optimize['resumed_from_step']}); win-rate {evaluation['win_rate']:.3f}")
 
 

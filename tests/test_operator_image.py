@@ -1,7 +1,7 @@
-"""The operator image: its Dockerfile lints clean, and what it leaves out of uv.lock is really unneeded.
+"""The operator image's recipe: its Dockerfile lints clean, it installs the `operator` dependency group of
+uv.lock, that group holds no training stack, and the entrypoint's imports need nothing outside it.
 
-No docker daemon here, so the image itself is not built; instead the package set it installs is checked
-against uv.lock and the entrypoint's imports are run with every left-out package blocked.
+The built image itself (its installed packages, its size, running it) is tested in tests/test_images.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "operator" / "Dockerfile"
-EXCLUDES = ROOT / "operator" / "image-excludes.txt"
 OPERATOR_DEPS = ["kopf", "kubernetes", "prometheus-client", "boto3", "pydantic", "pyyaml"]
+TRAINING_STACK = {"torch", "triton", "deepspeed", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib",
+                  "huggingface-hub", "cuda-toolkit", "cuda-bindings"}  # fmt: skip
 
 
 def _hadolint() -> str:
@@ -34,7 +35,8 @@ def test_dockerfile_lints_clean():
 
 def test_dockerfile_runs_as_non_root_and_enters_rlp_operator():
     text = DOCKERFILE.read_text()
-    assert "uv sync --locked --no-dev" in text
+    assert "uv sync --locked --only-group operator" in text
+    assert "--no-deps ." in text  # the project without its (training) dependencies
     assert "USER 10001:10001" in text
     assert 'ENTRYPOINT ["rlp", "operator"]' in text
 
@@ -51,20 +53,26 @@ def _closure(packages: dict, roots: list[str]) -> set[str]:
     return seen
 
 
-def _excluded() -> set[str]:
-    return {line.strip() for line in EXCLUDES.read_text().splitlines() if line.strip() and not line.startswith("#")}
-
-
-def test_image_excludes_match_uv_lock():
+def operator_packages() -> set[str]:
+    """The distributions the operator image installs: the `operator` group of uv.lock and what they need."""
     lock = tomllib.loads((ROOT / "uv.lock").read_text())
     packages = {p["name"]: p for p in lock["package"]}
-    project = _closure(packages, [d["name"] for d in packages["rlp"]["dependencies"]])
-    operator = _closure(packages, OPERATOR_DEPS)
-    assert set(OPERATOR_DEPS) <= project
-    assert _excluded() == project - operator, (
-        "operator/image-excludes.txt is out of date with uv.lock: it must list exactly the project's "
-        "dependencies that the operator does not need"
-    )
+    group = [d["name"] for d in packages["rlp"]["dev-dependencies"]["operator"]]
+    return _closure(packages, group)
+
+
+def test_operator_group_is_the_operators_dependencies_without_the_training_stack():
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    rlp = next(p for p in lock["package"] if p["name"] == "rlp")
+    group = sorted(d["name"] for d in rlp["dev-dependencies"]["operator"])
+    assert group == sorted(OPERATOR_DEPS)
+    assert set(group) <= {d["name"] for d in rlp["dependencies"]}  # same packages as the project's
+    # the group's specifiers are the project's: the image gets the versions a `uv sync` gets
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert set(pyproject["dependency-groups"]["operator"]) <= set(pyproject["project"]["dependencies"])
+    installed = operator_packages()
+    assert not installed & TRAINING_STACK, installed & TRAINING_STACK
+    assert not {p for p in installed if p.startswith(("nvidia-", "cuda-"))}
 
 
 # import names of the heavy left-out distributions (the ones that would break an import if needed)

@@ -1,9 +1,10 @@
 """pytest fixtures and hooks for the real test servers; tests/conftest.py imports them.
 
 Session-scoped: ``control_plane`` (ControlPlane), ``kube_api`` (kubernetes.client.ApiClient),
-``s3_server`` (S3Server). Per test: ``namespace`` (str), ``s3_client`` (boto3 S3 client),
-``s3_bucket`` (str). Tests that use the cluster fixtures get the ``cluster`` marker, tests that use
-the S3 fixtures the ``s3`` marker, automatically.
+``s3_server`` (S3Server), ``container_images`` (images.ContainerImages: the two built images). Per test:
+``namespace`` (str), ``s3_client`` (boto3 S3 client), ``s3_bucket`` (str). Tests that use the cluster
+fixtures get the ``cluster`` marker, tests that use the S3 fixtures the ``s3`` marker, tests that use
+``container_images`` the ``containers`` marker, automatically.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import pytest
 
 from . import _process
 from .controlplane import ControlPlane
+from .images import ContainerImages, build_images
 from .kube import wait_until
 from .s3server import S3Server
 
 CLUSTER_FIXTURES = frozenset({"control_plane", "kube_api", "namespace"})
 S3_FIXTURES = frozenset({"s3_server", "s3_client", "s3_bucket"})
+IMAGE_FIXTURES = frozenset({"container_images"})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -31,15 +34,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
         if names & S3_FIXTURES:
             item.add_marker(pytest.mark.s3)
+        if names & IMAGE_FIXTURES:
+            item.add_marker(pytest.mark.containers)
 
 
 def pytest_collection_finish(session):
-    """Build (or find in the cache) the server binaries before any test runs, so a cold build is not
-    counted against the first test's timeout. A no-op when no selected test needs a server."""
+    """Build (or find in the cache) the server binaries and the container images before any test runs, so
+    a cold build is not counted against the first test's timeout. A no-op when no selected test needs
+    them."""
     if session.config.option.collectonly:
         return
     if any(item.get_closest_marker("cluster") or item.get_closest_marker("s3") for item in session.items):
         _process.ensure_test_binaries()
+    if any(item.get_closest_marker("containers") for item in session.items):
+        session.config.stash[_IMAGES] = build_images()
+
+
+_IMAGES = pytest.StashKey[ContainerImages]()
+
+
+@pytest.fixture(scope="session")
+def container_images(request) -> ContainerImages:
+    """The operator and job images built from the committed Dockerfiles (scripts/build-images.sh, podman)."""
+    images = request.config.stash.get(_IMAGES, None)
+    return images if images is not None else build_images()
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,11 @@ app.kubernetes.io/part-of: rlp
 {{- end }}
 {{- end }}
 
+{{/* The phase Jobs' image: jobDefaults.image, else rlp-job at the chart's appVersion (scripts/build-images.sh's name) */}}
+{{- define "rlp-operator.jobImage" -}}
+{{- default (printf "rlp-job:%s" .Chart.AppVersion) .Values.jobDefaults.image }}
+{{- end }}
+
 {{/* Watch scope:
   "cluster"    no watchNamespaces: every namespace (ClusterRole + ClusterRoleBinding)
   "patterns"   some watchNamespaces are globs: cluster-wide rights, plus list/watch on namespaces
