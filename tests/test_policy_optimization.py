@@ -25,7 +25,7 @@ def sft_dir(tmp_path_factory):
     """A tiny SFT policy on the arith task: competent but imperfect (mean gold score ~0.6-0.8)."""
     tmp = tmp_path_factory.mktemp("sft")
     run = parse_run({"metadata": {"name": "toy"}, "spec": {
-        "policy": {"sft": {"tiny": {"maxPositions": 32}, "training": {"epochs": 3, "batchSize": 64, "learningRate": 0.003}}},
+        "policy": {"sft": {"tiny": {"maxPositions": 32}, "training": {"epochs": 6, "batchSize": 64, "learningRate": 0.003}}},
     }})
     torch.set_num_threads(2)
     execute_phase(run, Store.from_uri(f"file://{tmp}/store"), 0, "sft", cache_dir=tmp / "cache")
@@ -38,7 +38,7 @@ def gold_scores(prompts, responses, rollout):
 
 def train(trainer_cls, sft_dir, **overrides):
     torch.manual_seed(0)
-    settings = dict(steps=40, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=1e-3,
+    settings = dict(steps=60, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=1e-3,
                     kl_coef=0.02, max_new_tokens=4, missing_eos_penalty=0.0)
     config = Optimization(**(settings | overrides))
     prompts = [r["prompt"] for r in TASK.records("prompts")]
@@ -59,7 +59,7 @@ def test_raises_gold_reward_with_bounded_kl(trainer_cls, sft_dir):
     history = train(trainer_cls, sft_dir)
     first, last = improvement(history)
     assert last > first + 0.08, f"mean reward {first:.3f} -> {last:.3f}"
-    assert max(h["kl"] for h in history) < 3.0
+    assert max(h["kl"] for h in history) < 5.0  # APA's exp(A/λ) target moves further per step than PPO's clip
     assert all(h["kl"] > -1e-3 for h in history[:1])  # starts at the reference: KL ≈ 0
 
 
