@@ -124,11 +124,9 @@ def rm_score_fn(model, device: torch.device):
     return score
 
 
-def judge_score_fn(gold: Callable[[str, str], float]):
-    def score(prompts, responses, rollout) -> torch.Tensor:
-        return torch.tensor([gold(p, r) for p, r in zip(prompts, responses)])
-
-    return score
+def batch_judge(gold: Callable[[str, str], float]) -> Callable[[list[str], list[str]], list[float]]:
+    """A per-response gold judge applied to a batch of (prompt, response) pairs."""
+    return lambda prompts, responses: [gold(p, r) for p, r in zip(prompts, responses)]
 
 
 TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}
@@ -160,12 +158,13 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     policy_dir, start_dir = ctx.policy_dir(), ctx.start_policy_dir()
     tokenizer = ctx.tokenizer(policy_dir)
     gold = ctx.gold()
+    judge = None if gold is None else batch_judge(gold)
     if opt.reward == "judge":
         if gold is None:
             raise PhaseError("spec.optimization.reward: judge needs a programmatic spec.evaluation.judge "
                              "(builtin://<task> or reasoning-gym://<task>); use reward-model otherwise")
         rm_dir = None
-        score_fn = judge_score_fn(gold)
+        score_fn = lambda prompts, responses, rollout: torch.tensor(judge(prompts, responses))  # noqa: E731
     else:
         rm_dir = ctx.reward_model_dir()
         reward_model = load_reward_model(rm_dir, frozen_dtype()).to(ctx.device).eval().requires_grad_(False)
@@ -180,7 +179,7 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
         config=opt, policy=policy, reference=reference, value_model=value_model, tokenizer=tokenizer,
         score_fn=score_fn, prompts=prompts, seed=ctx.spec.seed + ctx.round,
         telemetry=ctx.telemetry, checkpointer=checkpointer,
-        gold_fn=None if gold is None else (lambda ps, rs: [gold(p, r) for p, r in zip(ps, rs)]),
+        gold_fn=judge,
         step_callback=ctx.step_callback,
     )
     resumed_from = trainer.start_step
@@ -205,8 +204,7 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
     prompts = [p.prompt for p in ctx.records(ev.prompts, Prompt)][: ev.max_prompts]
     gold = ctx.gold()
     if gold is not None:
-        def judge(ps, rs):
-            return [gold(p, r) for p, r in zip(ps, rs)]
+        judge = batch_judge(gold)
     elif ev.judge == "reward-model":
         rm_dir = ctx.reward_model_dir()
         rm_tok, rm = ctx.tokenizer(rm_dir), load_reward_model(rm_dir).to(ctx.device).eval()
