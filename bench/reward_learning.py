@@ -464,9 +464,11 @@ def report_markdown(setting: Setting, table: list[dict[str, Any]], rows: list[di
     sft = [r for r in rows if r["label"] == "SFT"]
     lines = [
         "# Reward-learning benchmark: gold score against KL (built-in addition task)", "",
-        f"Produced by `uv run python -m bench.reward_learning --setting {setting.name}` ({minutes:.0f} min on this "
-        "machine's 2 CPU cores). Every number below was measured by that command; `bench/reward_learning.py` has the "
-        "set-up. Evaluation and probe prompts are operand pairs that no preference pair and no RL prompt uses.", "",
+        f"Produced by `uv run python -m bench.reward_learning --setting {setting.name} --jobs 2 --notes "
+        f"docs/bench/reward-learning-notes.md` ({minutes:.0f} min on this machine's 2 CPU cores; `--from-json` redraws "
+        "the report from the saved results). Every number below was measured by that command; the closing analysis "
+        "is written by hand in docs/bench/reward-learning-notes.md. `bench/reward_learning.py` has the set-up. "
+        "Evaluation and probe prompts are operand pairs that no preference pair and no RL prompt uses.", "",
         "## Setting", "", "```json", json.dumps(asdict(setting)), "```", "",
         "## Results", "",
         "Mean over seeds with a 95% t-interval over seeds. *peak / final gold*: the policy's gold score on the "
