@@ -6,8 +6,9 @@ Runs `examples/smollm2-arith.yaml` (RM trained from the policy's backbone on gol
 annotator noise, then generate → optimize with LoRA PPO → evaluate) twice, each in its own process
 (`rlp run`'s `run_local`, so its peak RSS is its own): against the learned RM, and against the gold
 reward itself (`optimization.reward: judge`, the ceiling). Then the gold accuracy of the starting model
-and of both tuned policies on the held-out evaluation questions, greedy and sampled (T=0.7), with the
-paired change against the start and its 95% interval (normal approximation over questions).
+and of both tuned policies on the held-out evaluation questions, greedy and sampled (the example's
+evaluation temperature, 8 answers per question), with the paired change against the start and its 95%
+interval (normal approximation over questions).
 On a shared CPU torch runs one thread (intra-op threads spin at barriers while the other core is busy).
 """
 
@@ -35,6 +36,7 @@ from rlp_core.spec import parse_run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smollm2-arith.yaml"
 VARIANTS = {"learned-rm": "reward-model", "gold-reward": "judge"}
+SAMPLES = 8  # sampled answers per question in the sampled-accuracy column
 
 
 def spec_doc(work: Path, variant: str, steps: int | None) -> dict:
@@ -60,15 +62,19 @@ def run_variant(work: Path, variant: str, steps: int | None) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def accuracy(policy_dir: Path, prompts: list[str], judge, greedy: bool, seed: int = 0) -> list[float]:
+def accuracy(policy_dir: Path, prompts: list[str], judge, evaluation, greedy: bool, seed: int = 0) -> list[float]:
+    """Per question: 1/0 for the greedy answer, or the share of right answers among SAMPLES sampled ones."""
     tok, model = load_tokenizer(policy_dir), load_policy(policy_dir).eval()
     torch.manual_seed(seed)
-    out: list[float] = []
-    for i in range(0, len(prompts), 16):
-        chunk = prompts[i : i + 16]
-        roll = sample_responses(model, tok, chunk, max_new_tokens=8, temperature=0.7, do_sample=not greedy)
-        out += [float(judge(p, r) == 1.0) for p, r in zip(chunk, decode_responses(tok, roll))]
-    return out
+    k = 1 if greedy else SAMPLES
+    asked = [p for p in prompts for _ in range(k)]
+    right: list[float] = []
+    for i in range(0, len(asked), 32):
+        chunk = asked[i : i + 32]
+        roll = sample_responses(model, tok, chunk, max_new_tokens=evaluation.max_new_tokens,
+                                temperature=evaluation.temperature, do_sample=not greedy)
+        right += [float(judge(p, r) == 1.0) for p, r in zip(chunk, decode_responses(tok, roll))]
+    return [sum(right[i : i + k]) / k for i in range(0, len(right), k)]
 
 
 def policy_dir(work: Path, variant: str) -> Path:
@@ -99,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for greedy in (True, False):
         mode = "greedy" if greedy else "sampled"
-        base = accuracy(fetch_model("smollm2"), prompts, judge, greedy)
+        base = accuracy(fetch_model("smollm2"), prompts, judge, example.evaluation, greedy)
         results[mode] = {"start": sum(base) / len(base)}
         for variant in VARIANTS:
-            tuned = accuracy(policy_dir(args.work, variant), prompts, judge, greedy)
+            tuned = accuracy(policy_dir(args.work, variant), prompts, judge, example.evaluation, greedy)
             results[mode][variant] = {"accuracy": sum(tuned) / len(tuned),
                                       **paired_change(tuned, base).as_dict("change_")}
     doc = {"eval_prompts": len(prompts), "accuracy": results, "runs": runs}

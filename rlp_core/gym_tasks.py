@@ -3,11 +3,25 @@
     reasoning-gym://basic_arithmetic/prompts?n=64&seed=1&max_terms=3&max_digits=1&operators=+,-
     reasoning-gym://basic_arithmetic?max_terms=3&max_digits=1&operators=+,-      (the judge)
 
-Query parameters other than `n`, `seed` and `flip` are the task's own config fields (ints, true/false,
-comma-separated lists); `+` is taken literally, not as a space. The gold judge is the task's
-`score_answer` on the stripped response (1 for the exact answer, partial credit when the answer is
-inside a longer text). Splits are disjoint by construction: a question belongs to `eval` or to the
-training splits by a hash of its text, so held-out prompts never reach RM or policy training.
+Query parameters other than `n`, `seed`, `flip` and `answer` are the task's own config fields (ints,
+true/false, comma-separated lists); `+` is taken literally, not as a space. The gold judge is the task's
+`score_answer` on the answer read from the response, and `answer=` says how it is read:
+
+- `exact` (default): the whole stripped response (1 for the bare answer; reasoning-gym's own partial
+  credit, len(answer)/len(response), when the answer is inside a longer text);
+- `last-number`: the last number in the response, the "flexible extract" of lm-evaluation-harness's
+  GSM8K task, scored 1 or 0 (score_answer's substring credit means nothing inside a number: "11"
+  contains "1"). A small model works a sum out as "2 + 4 = 6", and a strict bare-number match would score
+  its format, not its arithmetic (SmolLM2-135M: 50% right greedy by this reading, 0% exactly bare).
+
+Preference pairs are what an annotator with the judge's taste would label: two candidate responses per
+question, each in one of the forms a chat model writes (the bare number, the worked equation, a sentence,
+a rambling start that never reaches a number), with the right or a wrong value; the one the judge scores
+higher is `chosen` (ties are redrawn), then `flip` swaps a share of the labels (annotator noise). So a
+reward model learns the judge's reading of form as well as correctness, which bare-number-only pairs
+cannot teach. Splits are disjoint by construction: a question belongs to `eval` or to the
+training splits by a hash of its text, so held-out prompts never reach RM or policy training. Prompt and
+eval records are distinct questions, so a small task's split can hold fewer than `n`.
 The judge reads the entry of a question from the records generated in this process (every phase
 loads its prompts before judging), so it needs no second copy of the data.
 """
@@ -16,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import warnings
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
@@ -26,6 +41,11 @@ _SPLIT_SEED = {"demonstrations": 11, "preferences": 23, "prompts": 37, "eval": 5
 _DEFAULT_SIZE = {"demonstrations": 1000, "preferences": 300, "prompts": 256, "eval": 200}
 EVAL_SHARE = 0.3
 INSTRUCTION = " Reply with the number only."
+ANSWER_MODES = ("exact", "last-number")
+_OURS = ("n", "seed", "flip", "answer")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_RAMBLES = ("To solve this, we need to", "Here is a simple way to work it out:", "Let's think about the numbers",
+            "The question asks us to")
 _ENTRIES: dict[str, tuple[Any, dict]] = {}  # prompt text -> (dataset, entry), filled by records()
 
 
@@ -51,8 +71,20 @@ def parse(uri: str) -> tuple[str, str | None, dict[str, Any], dict[str, Any]]:
         raise ValueError(f"{uri}: no split {split!r}; choose one of {', '.join(SPLITS)}")
     ours, config = {}, {}
     for key, text in parse_qsl(parsed.query):
-        (ours if key in ("n", "seed", "flip") else config)[key] = _value(text)
+        (ours if key in _OURS else config)[key] = _value(text)
+    if ours.get("answer", "exact") not in ANSWER_MODES:
+        raise ValueError(f"{uri}: answer={ours['answer']!r} is not a way to read the answer; choose one of "
+                         f"{', '.join(ANSWER_MODES)}")
     return task, split, ours, config
+
+
+def judge_score(dataset, entry: dict, response: str, mode: str) -> float:
+    """The task's score of a response, the answer read from it as `mode` says (see the module docstring)."""
+    response = response.strip()
+    if mode == "last-number":
+        numbers = _NUMBER.findall(response)
+        return float(bool(numbers) and float(dataset.score_answer(numbers[-1], entry)) == 1.0)
+    return float(dataset.score_answer(response, entry))
 
 
 def _dataset(task: str, size: int, seed: int, config: dict[str, Any], uri: str):
@@ -80,6 +112,26 @@ def _wrong(answer: str, rng: random.Random) -> str:
         return answer[::-1] if answer[::-1] != answer else answer + "0"
 
 
+def _candidate(question: str, value: str, rng: random.Random) -> str:
+    """One response to `question` in a form a chat model writes, giving `value` (rambles give none)."""
+    expression = question.removeprefix("Calculate ").rstrip(".") if question.startswith("Calculate ") else None
+    forms = [value, f"The answer is {value}.", rng.choice(_RAMBLES)]
+    if expression:
+        forms.append(f"{expression} = {value}")
+    return rng.choice(forms)
+
+
+def _preference(dataset, entry: dict, mode: str, rng: random.Random) -> tuple[str, str]:
+    """(chosen, rejected): two candidates the judge tells apart, the better one first."""
+    answer = str(entry["answer"])
+    for _ in range(20):
+        a, b = (_candidate(entry["question"], rng.choice([answer, _wrong(answer, rng)]), rng) for _ in range(2))
+        score_a, score_b = (judge_score(dataset, entry, r, mode) for r in (a, b))
+        if score_a != score_b:
+            return (a, b) if score_a > score_b else (b, a)
+    return answer, _wrong(answer, rng)
+
+
 def records(uri: str) -> list[dict]:
     task, split, ours, config = parse(uri)
     if split is None:
@@ -89,15 +141,20 @@ def records(uri: str) -> list[dict]:
     dataset = _dataset(task, 8 * n, seed, config, uri)
     rng = random.Random(seed)
     out: list[dict] = []
+    seen: set[str] = set()
     for entry in dataset:
         if is_eval_question(entry["question"]) != (split == "eval"):
             continue
+        if split != "preferences":  # distinct questions: a repeated eval question would narrow the intervals falsely
+            if entry["question"] in seen:
+                continue
+            seen.add(entry["question"])
         prompt, answer = entry["question"] + INSTRUCTION, str(entry["answer"])
         _ENTRIES[prompt] = (dataset, entry)
         if split == "demonstrations":
             out.append({"prompt": prompt, "response": answer})
         elif split == "preferences":
-            good, bad = answer, _wrong(answer, rng)
+            good, bad = _preference(dataset, entry, ours.get("answer", "exact"), rng)
             if rng.random() < float(ours.get("flip", 0.2)):  # simulated annotator noise
                 good, bad = bad, good
             out.append({"prompt": prompt, "chosen": good, "rejected": bad})
@@ -110,14 +167,15 @@ def records(uri: str) -> list[dict]:
 
 def gold_judge(uri: str):
     """(prompt, response) -> the task's score_answer of the response, for prompts of this task's records."""
-    task, _, _, _ = parse(uri)
-    _dataset(task, 1, 0, parse(uri)[3], uri)  # fail now on an unknown task or config, not at the first score
+    task, _, ours, config = parse(uri)
+    mode = ours.get("answer", "exact")
+    _dataset(task, 1, 0, config, uri)  # fail now on an unknown task or config, not at the first score
 
     def score(prompt: str, response: str) -> float:
         found = _ENTRIES.get(prompt)
         if found is None:
             raise ValueError(f"{uri}: prompt {prompt[:60]!r} is not from {SCHEME}{task} data loaded in this process")
         dataset, entry = found
-        return float(dataset.score_answer(response.strip(), entry))
+        return judge_score(dataset, entry, response, mode)
 
     return score

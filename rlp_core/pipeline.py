@@ -219,32 +219,41 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
         raise PhaseError(f"spec.evaluation.judge: unknown judge {ev.judge!r}; use reward-model, builtin://<task> "
                          "or reasoning-gym://<task>")
 
+    k = ev.samples_per_prompt
+    asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
+
     def answers(policy_dir: Path) -> list[str]:
         tok, model = ctx.tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
         torch.manual_seed(ctx.spec.seed)
         out = []
-        for i in range(0, len(prompts), 256):
-            roll = sample_responses(model, tok, prompts[i : i + 256], max_new_tokens=ev.max_new_tokens,
+        for i in range(0, len(asked), 256):
+            roll = sample_responses(model, tok, asked[i : i + 256], max_new_tokens=ev.max_new_tokens,
                                     temperature=ev.temperature, do_sample=not ev.greedy)
             out += decode_responses(tok, roll)
         return out
 
+    def per_prompt(values: list[float]) -> list[float]:  # the unit of the intervals is the prompt, not the sample
+        return [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
+
     ctx.telemetry.total_steps = 2
     new, base = answers(ctx.policy_dir()), answers(ctx.start_policy_dir())
     ctx.telemetry.step()
-    new_scores, base_scores = judge(prompts, new), judge(prompts, base)
+    new_sample_scores, base_sample_scores = judge(asked, new), judge(asked, base)
     ctx.telemetry.step()
     with (ctx.out_dir / "answers.jsonl").open("w") as f:
-        for row in zip(prompts, new, base, new_scores, base_scores):
+        for row in zip(asked, new, base, new_sample_scores, base_sample_scores):
             f.write(json.dumps(dict(zip(("prompt", "policy", "baseline", "policy_score", "baseline_score"), row))) + "\n")
+    new_scores, base_scores = per_prompt(new_sample_scores), per_prompt(base_sample_scores)
     result = win_rate(new_scores, base_scores, ev.confidence)
     change = paired_change(new_scores, base_scores, ev.confidence)
     metrics = {**result.as_dict(), **change.as_dict("score_"), "judge": ev.judge, "greedy": ev.greedy,
+               "samples_per_prompt": k,
                "policy_score_mean": sum(new_scores) / len(prompts), "baseline_score_mean": sum(base_scores) / len(prompts)}
     if gold is not None:  # a programmatic judge's full score is a correct answer
-        exact = paired_change([float(s == 1.0) for s in new_scores], [float(s == 1.0) for s in base_scores], ev.confidence)
-        metrics |= {"policy_accuracy": sum(s == 1.0 for s in new_scores) / len(prompts),
-                    "baseline_accuracy": sum(s == 1.0 for s in base_scores) / len(prompts), **exact.as_dict("accuracy_")}
+        new_exact = per_prompt([float(s == 1.0) for s in new_sample_scores])
+        base_exact = per_prompt([float(s == 1.0) for s in base_sample_scores])
+        metrics |= {"policy_accuracy": sum(new_exact) / len(prompts), "baseline_accuracy": sum(base_exact) / len(prompts),
+                    **paired_change(new_exact, base_exact, ev.confidence).as_dict("accuracy_")}
     return metrics
 
 

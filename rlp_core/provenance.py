@@ -18,7 +18,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlp_core.hub import HF_SCHEME, PACKAGED_SCHEME
 from rlp_core.manifest import Manifest, inspect_output, phase_prefix
+from rlp_core.pretrained import packaged_version
 from rlp_core.spec import RLPRun, RLPRunSpec
 from rlp_core.store import S3Store, Store
 
@@ -186,9 +188,16 @@ class Provenance:
         return inputs
 
     def listing_digest(self, uri: str) -> str:
-        """A model URI's identity as an input: its files' names and sizes."""
-        listing = [(e.path, e.size) for e in self._open(uri).list()]
-        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+        """A model URI's identity as an input: its files' names and sizes in a store; for a Hub model the
+        URI itself (`@revision` pins it; the commit a phase used is in its manifest's `model_revisions`);
+        for a packaged model the URI and the installed package's version."""
+        if uri.startswith(HF_SCHEME):
+            identity: Any = uri
+        elif uri.startswith(PACKAGED_SCHEME):
+            identity = [uri, packaged_version(uri.removeprefix(PACKAGED_SCHEME))]
+        else:
+            identity = [(e.path, e.size) for e in self._open(uri).list()]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
     def _open(self, uri: str) -> Store:
         """`uri` through the root's S3 client when both are S3 (the run's credentials, as the operator

@@ -404,8 +404,17 @@ class Evaluation(SpecModel):
     max_prompts: int | None = Field(None, ge=1, le=10_000_000)
     temperature: float = Field(1.0, gt=0, le=10)
     greedy: bool = Field(False, description="Greedy decoding instead of sampling at `temperature`.")
+    samples_per_prompt: int = Field(
+        1, ge=1, le=64, description="Sampled answers per prompt and policy; a prompt's score is their mean."
+    )
     max_new_tokens: int = Field(8, ge=1, le=8192)
     confidence: float = Field(0.95, gt=0, lt=1, description="Level of the win-rate's confidence interval.")
+
+    @model_validator(mode="after")
+    def _greedy_answers_once(self) -> Evaluation:
+        if self.greedy and self.samples_per_prompt > 1:
+            raise ValueError("greedy decoding gives the same answer every time: set samplesPerPrompt: 1, or greedy: false")
+        return self
 
 
 class SecretRef(SpecModel):

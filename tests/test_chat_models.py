@@ -135,12 +135,30 @@ def test_reasoning_gym_splits_are_disjoint_and_judged_by_score_answer():
     assert not {p.prompt for p in prompts} & {p.prompt for p in held_out}
     assert not {p.prompt for p in pairs} & {p.prompt for p in held_out}
     judge = programmatic_judge(f"reasoning-gym://basic_arithmetic?{GYM}")
-    assert all(judge(p.prompt, p.chosen) == 1.0 and judge(p.prompt, p.rejected) < 1.0 for p in pairs)
+    assert all(judge(p.prompt, p.chosen) > judge(p.prompt, p.rejected) for p in pairs)
     question = pairs[0].prompt.removesuffix(gym_tasks.INSTRUCTION).removeprefix("Calculate ").rstrip(".")
-    assert 0 < judge(pairs[0].prompt, f"{question} = {pairs[0].chosen}") < 1  # partial credit for the answer in a text
+    answer = str(gym_tasks._ENTRIES[pairs[0].prompt][1]["answer"])
+    assert judge(pairs[0].prompt, answer) == 1.0
+    assert 0 < judge(pairs[0].prompt, f"{question} = {answer}") < 1  # partial credit for the answer in a text
+    assert {" = " in p.chosen for p in pairs} == {True, False}  # candidates come in several forms
     noisy = load_records(f"reasoning-gym://basic_arithmetic/preferences?n=200&flip=0.3&{GYM}", PreferencePair)
     flipped = sum(judge(p.prompt, p.chosen) < judge(p.prompt, p.rejected) for p in noisy) / len(noisy)
     assert 0.15 < flipped < 0.45
+
+
+def test_reasoning_gym_last_number_reading_scores_worked_answers():
+    uri = f"reasoning-gym://basic_arithmetic/preferences?n=60&flip=0&answer=last-number&{GYM}"
+    pairs = load_records(uri, PreferencePair)
+    judge = programmatic_judge(f"reasoning-gym://basic_arithmetic?answer=last-number&{GYM}")
+    prompt = pairs[0].prompt
+    question = prompt.removesuffix(gym_tasks.INSTRUCTION).removeprefix("Calculate ").rstrip(".")
+    answer = int(gym_tasks._ENTRIES[prompt][1]["answer"])
+    assert judge(prompt, f"{question} = {answer}") == judge(prompt, f" {answer}") == 1.0
+    assert judge(prompt, f"{question} = {answer + 1}") == judge(prompt, "To solve this, we") == 0.0
+    assert all(judge(p.prompt, p.chosen) == 1.0 and judge(p.prompt, p.rejected) == 0.0 for p in pairs)
+    assert any(" = " in p.chosen for p in pairs) and any(not any(c.isdigit() for c in p.rejected) for p in pairs)
+    with pytest.raises(ValueError, match="answer='first'.*last-number"):
+        programmatic_judge(f"reasoning-gym://basic_arithmetic?answer=first&{GYM}")
 
 
 def test_unknown_reasoning_gym_task_is_a_clear_error():

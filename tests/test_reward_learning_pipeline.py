@@ -118,3 +118,20 @@ def test_uml_alone_feeds_the_refined_rm_to_optimize(tmp_path, base):
     ctx = PhaseContext(run, 1, "optimize", Store.from_uri(f"file://{tmp_path}/store"), tmp_path / "cache",
                        tmp_path / "unused", PhaseTelemetry("t", 1, "optimize"))
     assert ctx.reward_model_dir() == ctx.fetch(1, "refine") / RM_DIR
+
+
+def test_evaluation_with_several_samples_per_prompt_scores_each_prompt_by_their_mean(tmp_path, base):
+    import json
+
+    _, results, report = _run(tmp_path, base, "multi", rewardLearning={"strategy": "none"},
+                              evaluation={"samplesPerPrompt": 3, "maxPrompts": 10})
+    metrics = results[(1, "evaluate")].manifest.metrics
+    rows = [json.loads(line) for line in
+            (tmp_path / "store" / "default" / "multi" / "round-1" / "evaluate" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and [r["prompt"] for r in rows[:3]] == [rows[0]["prompt"]] * 3
+    assert metrics["n"] == 10 and metrics["samples_per_prompt"] == 3  # the interval's unit is the prompt
+    assert len({r["policy"] for r in rows}) > 10  # the three answers to a prompt are sampled apiece
+    exact = [sum(r["policy_score"] == 1.0 for r in rows[i : i + 3]) / 3 for i in range(0, 30, 3)]
+    assert metrics["policy_accuracy"] == pytest.approx(sum(exact) / 10)
+    mean_of_means = sum(sum(r["policy_score"] for r in rows[i : i + 3]) / 3 for i in range(0, 30, 3)) / 10
+    assert metrics["policy_score_mean"] == pytest.approx(mean_of_means)

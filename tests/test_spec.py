@@ -34,6 +34,7 @@ def test_given_models_skip_sft_and_reward_and_rounds_repeat():
     ({"optimization": {"miniBatchSize": 64, "rolloutBatchSize": 32}}, "miniBatchSize (64) must not exceed rolloutBatchSize (32)"),
     ({"policy": {"sft": {"tiny": {"hiddenSize": 30, "numHeads": 4}}}}, "hiddenSize (30) must be a multiple of numHeads (4)"),
     ({"rewardLearning": {"strategy": "magic"}}, "spec.rewardLearning.strategy"),
+    ({"evaluation": {"greedy": True, "samplesPerPrompt": 4}}, "set samplesPerPrompt: 1, or greedy: false"),
 ])
 def test_bad_specs_name_the_field(spec, expected):
     with pytest.raises(SpecError) as err:
