@@ -329,3 +329,18 @@ def test_a_60s_s3_outage_mid_optimize_is_ridden_out(tmp_path, s3_server, s3_buck
     assert manifest["metrics"]["steps"] == 40
     assert not store.list("_checkpoints")
 
+
+
+def test_hub_and_packaged_model_uris_are_inputs_without_a_store(tmp_path):
+    """A run from hf:// or packaged:// has a fingerprint (the URI, pinned by @revision or by the package's
+    version) and never lists those URIs as store prefixes: `rlp run` on packaged://smollm2 once failed here."""
+    from rlp_core.provenance import Provenance
+
+    def phase_inputs(model: str) -> dict:
+        run = parse_run(_spec(tmp_path / "store", policy={"model": model}))
+        return Provenance(run, LocalStore(tmp_path / "store")).inputs(0, "reward")
+
+    packaged, pinned, other = (phase_inputs(m) for m in ("packaged://smollm2", "hf://org/model@abc123",
+                                                          "hf://org/model@def456"))
+    assert set(packaged) == {"packaged://smollm2"} and set(pinned) == {"hf://org/model@abc123"}
+    assert pinned["hf://org/model@abc123"] != other["hf://org/model@def456"]
