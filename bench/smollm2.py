@@ -5,7 +5,8 @@
 Runs `examples/smollm2-arith.yaml` (RM trained from the policy's backbone on gold-labelled pairs with 20%
 annotator noise, then generate → optimize with LoRA PPO → evaluate) twice, each in its own process
 (`rlp run`'s `run_local`, so its peak RSS is its own): against the learned RM, and against the gold
-reward itself (`optimization.reward: judge`, the ceiling). Then the gold accuracy of the starting model
+reward itself (`optimization.reward: judge`, the ceiling; it starts from the first run's RM, which it
+does not read, rather than train an identical one). Then the gold accuracy of the starting model
 and of both tuned policies on the held-out evaluation questions, greedy and sampled (the example's
 evaluation temperature, 8 answers per question), with the paired change against the start and its 95%
 interval (normal approximation over questions).
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from rlp_core.context import RM_DIR
 from rlp_core.data import Prompt, load_records
 from rlp_core.evaluate import paired_change
 from rlp_core.judges import programmatic_judge
@@ -44,6 +46,9 @@ def spec_doc(work: Path, variant: str, steps: int | None) -> dict:
     doc["metadata"]["name"] = f"smollm2-{variant}"
     doc["spec"]["storage"]["uri"] = f"file://{work / 'store'}"
     doc["spec"]["optimization"]["reward"] = VARIANTS[variant]
+    if variant == "gold-reward":  # it does not read the RM: skip training a second, identical one
+        rm = work / "store" / "default" / "smollm2-learned-rm" / "round-0" / "reward" / RM_DIR
+        doc["spec"]["rewardModel"]["model"] = f"file://{rm}"
     if steps is not None:
         doc["spec"]["optimization"]["steps"] = steps
     return doc
