@@ -13,7 +13,8 @@ turned the figures into a measure of the neighbours' load; `--threads 2` is ther
 1. Builds one tiny Llama (the `TinyModel()` defaults, a BPE tokenizer trained on the built-in addition
    task) and saves policy, reward model (policy + fresh scalar head) and value model (RM + token head)
    once to a temp dir; each framework loads its own copies from there, so both start from identical
-   weights. The saved generation config suppresses EOS and PAD, so every rollout is exactly
+   weights. The saved generation config suppresses every special token (EOS and PAD included; rlp's
+   sampler, which sets its own suppressed tokens, is given the same list), so every rollout is exactly
    `--response-length` new tokens in both frameworks (no early stop, same work per step).
 2. PPO step time (rollout + update): rlp's `rlp_core.ppo.PPOTrainer` and TRL's
    `trl.experimental.ppo.PPOTrainer` with matching settings (batch, minibatches, PPO epochs, response
@@ -121,6 +122,27 @@ class Settings:
 
 
 # --- models ---------------------------------------------------------------------------------------------
+def suppress_in_rlp(extra: set[int]) -> None:
+    """Make rlp's sampler suppress `extra` (EOS) too, in `generate()` and in every log-prob alike.
+
+    rlp's `generation_config()` sets `suppress_tokens` itself (the special tokens other than the stop ids), which
+    takes precedence over the model's saved generation config, so the EOS suppression saved with the policy
+    reaches TRL's `generate()` but not rlp's. Both modules that import `suppressed_token_ids` get the widened
+    list, so π stays one distribution (renormalised over the other tokens) in sampling, reference and update.
+    """
+    import rlp_core.models
+    import rlp_core.ppo
+    import rlp_core.sampling
+
+    base = rlp_core.models.suppressed_token_ids
+
+    def suppressed(tokenizer: PreTrainedTokenizerFast, stop_ids=()) -> list[int]:
+        return sorted(set(base(tokenizer, stop_ids)) | extra)
+
+    rlp_core.sampling.suppressed_token_ids = suppressed
+    rlp_core.ppo.suppressed_token_ids = suppressed
+
+
 @dataclass(frozen=True)
 class Checkpoints:
     policy: Path
@@ -135,9 +157,12 @@ def build_checkpoints(root: Path, s: Settings) -> tuple[Checkpoints, PreTrainedT
     tokenizer = train_tokenizer([d["prompt"] for d in demos] + [d["response"] for d in demos], s.tiny.vocab_size)
     policy = build_tiny_policy(tokenizer, s.tiny, s.seed)
     # Neither framework may stop a row early or emit a token the other reads as padding: both generate
-    # exactly `response_length` tokens (TRL takes PAD for the end of a response).
-    policy.generation_config.suppress_tokens = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
+    # exactly `response_length` tokens (TRL takes PAD for the end of a response). Every special token is
+    # suppressed on both sides (rlp suppresses those other than EOS anyway), so both sample the same π.
+    suppress = set(tokenizer.all_special_ids) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    policy.generation_config.suppress_tokens = sorted(suppress)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    suppress_in_rlp(suppress)
     ck = Checkpoints(root / "policy", root / "reward", root / "value")
     save_model(policy, tokenizer, ck.policy)
     torch.manual_seed(s.seed + 1)
