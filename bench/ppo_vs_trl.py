@@ -40,8 +40,8 @@ throughput ratio > 1 mean rlp is faster), plus the median of paired per-step rat
 (rank 8, α 16, dropout 0, all attention and MLP projections; the reference is the policy with its adapters
 disabled, TRL `ref_model=None` + `peft_config`, rlp `reference=None`), RM and value model = its backbone with
 one fresh scalar head, the critic trained in full on both sides; chat prompts rendered with the model's chat
-template, the same token ids on both sides; a smaller batch and few steps (a step takes seconds). It adds a
-4. peak-memory measurement (`--memory-steps`, on by default for smollm2): each framework alone in a child
+template, the same token ids on both sides; a smaller batch and few steps (a step takes seconds). It adds
+a fourth part, peak memory (`--memory-steps`, on by default for smollm2): each framework alone in a child
 process of this script (`--child rlp|trl`) loads its models, runs a few steps and reports its peak RSS
 (`getrusage(RUSAGE_SELF).ru_maxrss`) beside its RSS after the imports and after loading, since two
 frameworks interleaved in one process cannot give per-framework peaks.
