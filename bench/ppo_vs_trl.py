@@ -535,6 +535,11 @@ def fmt_med_iqr(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{q2:.{digits}f} ({q1:.{digits}f}–{q3:.{digits}f})"
 
 
+def fmt_rate(x: float) -> str:
+    """A throughput: whole numbers, one decimal below 100."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "trl", "accelerate", "datasets"):
@@ -670,8 +675,8 @@ def memory_section(s: Settings, memory: dict[str, dict]) -> list[str]:
         "resident as the first step reads them, so no training-only increment is derived from it; the figure above "
         "the imports counts models and training together. Both frameworks load the same three checkpoints the "
         "same way, run the same torch and allocator, and RSS includes memory the allocator keeps after a free. "
-        "The step times of these solo runs are only a sanity check (first steps, no warm-up; the interleaved "
-        "table is the comparison).",
+        "The step times of these solo runs are only a sanity check (first steps, no warm-up, and the two ran "
+        "one after the other under whatever load the machine had then; the interleaved table is the comparison).",
         "",
     ]
 
@@ -730,23 +735,24 @@ def write_report(path: Path, s: Settings, steps: dict, gen: dict[str, list[float
         "| | seconds/step, median (IQR) | response tokens/s | rlp/TRL time, ratio of medians | "
         "rlp/TRL time, paired per step: median (IQR) |",
         "|---|---|---|---|---|",
-        f"| rlp `PPOTrainer` | {fmt_med_iqr(rlp_t, 1, 3)} | {tokens_per_step / rlp_med:.0f} | | |",
-        f"| TRL `PPOTrainer`, as shipped | {fmt_med_iqr(trl_t, 1, 3)} | {tokens_per_step / trl_med:.0f} | "
+        f"| rlp `PPOTrainer` | {fmt_med_iqr(rlp_t, 1, 3)} | {fmt_rate(tokens_per_step / rlp_med)} | | |",
+        f"| TRL `PPOTrainer`, as shipped | {fmt_med_iqr(trl_t, 1, 3)} | {fmt_rate(tokens_per_step / trl_med)} | "
         f"**{rlp_med / trl_med:.2f}** | {fmt_med_iqr(paired, 1, 2)} |",
         f"| TRL minus the time in its own `gc.collect()` calls | {fmt_med_iqr(trl_nogc, 1, 3)} | "
-        f"{tokens_per_step / nogc_med:.0f} | **{rlp_med / nogc_med:.2f}** | {fmt_med_iqr(paired_nogc, 1, 2)} |",
+        f"{fmt_rate(tokens_per_step / nogc_med)} | **{rlp_med / nogc_med:.2f}** | {fmt_med_iqr(paired_nogc, 1, 2)} |",
         f"| (TRL's `gc.collect()` time per step) | {fmt_med_iqr(steps['trl_gc'], 1, 3)} | | | |",
         "",
         "Time ratio < 1: rlp faster. Response tokens/s = the "
         f"{tokens_per_step} sampled tokens of a step over the step time (rlp's history field `tokens_per_second` "
-        f"counts prompt + response tokens: median {statistics.median(steps['rlp_tps']):.0f}/s).",
+        f"counts prompt + response tokens: median {fmt_rate(statistics.median(steps['rlp_tps']))}/s).",
         "",
         f"TRL's PPO loop calls `gc.collect()` twice per step (after the rollout and at the end of the step). A full "
         f"collection walks every object the collector tracks, here {env['gc_objects']:,} (torch, transformers, "
         "trl, datasets, pandas and rlp are imported; a process with TRL's imports alone holds about as many), so "
-        "it costs a fixed fraction of a second per step whatever the model size. "
-        + ("At this scale it dominates TRL's step." if tiny else
-           f"Here it is {gc_share:.0%} of TRL's step (median per step).")
+        + ("it costs a fixed fraction of a second per step whatever the model size. At this scale it dominates "
+           "TRL's step." if tiny else
+           f"its cost follows the number of objects, not the model size: here {gc_share:.0%} of TRL's step "
+           "(median per step).")
         + " The row without it subtracts the time measured inside those calls (TRL's own `gc` "
         "reference is swapped for a timing wrapper; the collections still run): it compares the rest of the two "
         "loops, slightly flattering TRL, since without the explicit calls Python's automatic collector would do "
@@ -760,7 +766,7 @@ def write_report(path: Path, s: Settings, steps: dict, gen: dict[str, list[float
     ]
     for i, n in enumerate(names):
         ratio = f"**{rlp_gen / trl_gen:.2f}** | {fmt_med_iqr(gen_paired, 1, 2)}" if i == 1 else " | "
-        lines.append(f"| {n} | {fmt_med_iqr(gen[n], 1, 0)} | "
+        lines.append(f"| {n} | {fmt_med_iqr(gen[n], 1, 0 if statistics.median(gen[n]) >= 100 else 1)} | "
                      f"{tokens_per_step / statistics.median(gen[n]) * 1e3:.1f} | {ratio} |")
     lines += [
         "",
