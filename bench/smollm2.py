@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from rlp_core.context import RM_DIR
+from rlp_core.context import POLICY_DIR, RM_DIR
 from rlp_core.data import Prompt, load_records
 from rlp_core.evaluate import paired_change
 from rlp_core.judges import programmatic_judge
@@ -83,7 +83,7 @@ def accuracy(policy_dir: Path, prompts: list[str], judge, evaluation, greedy: bo
 
 
 def policy_dir(work: Path, variant: str) -> Path:
-    return work / "cache" / "default" / f"smollm2-{variant}" / "round-1" / "optimize" / "policy"
+    return work / "store" / "default" / f"smollm2-{variant}" / "round-1" / "optimize" / POLICY_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_variant(args.work, args.variant, args.steps)))
         return 0
     runs = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "bench.smollm2", "--work", str(args.work), "--variant", variant]
-        cmd += ["--steps", str(args.steps)] if args.steps else []
-        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-        runs[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    for variant in VARIANTS:  # a finished variant's record is kept in WORK, so a rerun goes on from there
+        record = args.work / variant / "bench-run.json"
+        if not record.exists():
+            cmd = [sys.executable, "-m", "bench.smollm2", "--work", str(args.work), "--variant", variant]
+            cmd += ["--steps", str(args.steps)] if args.steps else []
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            record.write_text(done.stdout.strip().splitlines()[-1])
+        runs[variant] = json.loads(record.read_text())
     torch.set_num_threads(1)
     example = parse_run(yaml.safe_load(EXAMPLE.read_text())).spec
     judge = programmatic_judge(example.evaluation.judge)
