@@ -146,6 +146,7 @@ INVALID = [
     ({"optimization": {"miniBatchSize": 64, "rolloutBatchSize": 8}}, "spec.optimization.miniBatchSize"),
     ({"rewardLearning": {"ser": {"lowConfidence": 0.95, "highConfidence": 0.9}}}, "spec.rewardLearning.ser.lowConfidence"),
     ({"policy": {"sft": {"tiny": {"hiddenSize": 65, "numHeads": 4}}}}, "spec.policy.sft.tiny.hiddenSize"),
+    ({"evaluation": {"greedy": True, "samplesPerPrompt": 4}}, "spec.evaluation.samplesPerPrompt"),
     ({"storage": {"secretRef": {}}}, "spec.storage.secretRef.name"),
     ({"resources": {"gpusPerPod": -1}}, "spec.resources.gpusPerPod"),
     ({"phases": {"optimize": {"nodes": 0}}}, "spec.phases.optimize.nodes"),

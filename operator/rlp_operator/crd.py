@@ -81,6 +81,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".miniBatchSize",
         }
     ],
+    "Evaluation": [
+        {
+            "rule": "!has(self.greedy) || !self.greedy || !has(self.samplesPerPrompt) || self.samplesPerPrompt == 1",
+            "message": "greedy decoding gives the same answer every time: set samplesPerPrompt: 1, or greedy: false",
+            "fieldPath": ".samplesPerPrompt",
+        }
+    ],
 }
 
 ROOT_RULES = [
