@@ -47,8 +47,7 @@ def spec_doc(work: Path, variant: str, steps: int | None) -> dict:
     doc["spec"]["storage"]["uri"] = f"file://{work / 'store'}"
     doc["spec"]["optimization"]["reward"] = VARIANTS[variant]
     if variant == "gold-reward":  # it does not read the RM: skip training a second, identical one
-        rm = work / "store" / "default" / "smollm2-learned-rm" / "round-0" / "reward" / RM_DIR
-        doc["spec"]["rewardModel"]["model"] = f"file://{rm}"
+        doc["spec"]["rewardModel"]["model"] = f"file://{phase_dir(work, "learned-rm", 0, "reward") / RM_DIR}"
     if steps is not None:
         doc["spec"]["optimization"]["steps"] = steps
     return doc
@@ -82,8 +81,9 @@ def accuracy(policy_dir: Path, prompts: list[str], judge, evaluation, greedy: bo
     return [sum(right[i : i + k]) / k for i in range(0, len(right), k)]
 
 
-def policy_dir(work: Path, variant: str) -> Path:
-    return work / "store" / "default" / f"smollm2-{variant}" / "round-1" / "optimize" / POLICY_DIR
+def phase_dir(work: Path, variant: str, round: int, phase: str) -> Path:
+    """Where a variant's phase output lands in the benchmark's file:// store."""
+    return work / "store" / "default" / f"smollm2-{variant}" / f"round-{round}" / phase
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         base = accuracy(fetch_model("smollm2"), prompts, judge, example.evaluation, greedy)
         results[mode] = {"start": sum(base) / len(base)}
         for variant in VARIANTS:
-            tuned = accuracy(policy_dir(args.work, variant), prompts, judge, example.evaluation, greedy)
+            tuned = accuracy(phase_dir(args.work, variant, 1, "optimize") / POLICY_DIR, prompts, judge,
+                             example.evaluation, greedy)
             results[mode][variant] = {"accuracy": sum(tuned) / len(tuned),
                                       **paired_change(tuned, base).as_dict("change_")}
     doc = {"eval_prompts": len(prompts), "accuracy": results, "runs": runs}
