@@ -47,7 +47,8 @@ def spec_doc(work: Path, variant: str, steps: int | None) -> dict:
     doc["spec"]["storage"]["uri"] = f"file://{work / 'store'}"
     doc["spec"]["optimization"]["reward"] = VARIANTS[variant]
     if variant == "gold-reward":  # it does not read the RM: skip training a second, identical one
-        doc["spec"]["rewardModel"]["model"] = f"file://{phase_dir(work, "learned-rm", 0, "reward") / RM_DIR}"
+        rm = phase_dir(work, "learned-rm", 0, "reward") / RM_DIR
+        doc["spec"]["rewardModel"]["model"] = f"file://{rm}"
     if steps is not None:
         doc["spec"]["optimization"]["steps"] = steps
     return doc
