@@ -33,8 +33,11 @@
 #
 # A built image carries the label dev.rlp.inputs, a hash of its Dockerfile, its build context (what
 # .dockerignore leaves) and its base images; the next run skips an image whose hash is unchanged. With
-# podman/buildah the build stage is tagged rlp-<image>-build-stage:<tag> to keep its layer cache, and a
-# replaced build's images are removed.
+# podman/buildah a Dockerfile's build stage (the operator's; the job image has none) is tagged
+# rlp-<image>-build-stage:<tag> to keep its layer cache, and a replaced build's images are removed.
+# Before building, the script checks the free space where the builder keeps its images
+# (RLP_IMAGE_MIN_FREE_GB, default 16 for the job image, whose build peaked at 15 GB: a committed layer is
+# held about four times over) and stops with what to free if there is less.
 # The last lines printed are the images and their sizes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -182,8 +185,11 @@ make_stand_in() {  # base image name
             ;;
         ghcr.io/astral-sh/uv:*)
             local version=${name##*:}
-            if command -v uv >/dev/null 2>&1; then
-                uv pip install --quiet --no-deps --target "$work/wheel" "uv==$version"
+            # uv run exports UV (the uv that runs us), which is off PATH where uv came from `pip --user`;
+            # a venv's python3 has no pip, so pip is the last resort.
+            local uv_bin=${UV:-$(command -v uv || true)}
+            if [[ -n "$uv_bin" ]]; then
+                "$uv_bin" pip install --quiet --no-deps --target "$work/wheel" "uv==$version"
             else
                 python3 -m pip install --quiet --no-deps --target "$work/wheel" "uv==$version"
             fi
@@ -251,6 +257,25 @@ remove_replaced() {  # old-id name
     fi
 }
 
+storage_dir() {  # where the builder writes image layers
+    case "$BUILDER" in
+        docker) docker info --format '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker ;;
+        *) "$BUILDER" info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers/storage ;;
+    esac
+}
+
+check_free_space() {  # target: stop before a build that would fill the disk half-way through
+    local need=${RLP_IMAGE_MIN_FREE_GB:-} dir free_gb
+    [[ -n "$need" ]] || case "$1" in job) need=16 ;; *) need=2 ;; esac
+    dir=$(storage_dir)
+    mkdir -p "$dir"
+    free_gb=$(df -P --block-size=1G "$dir" | awk 'NR == 2 { print $4 }')
+    if (( free_gb < need )); then
+        die "building rlp-$1 needs about ${need} GB free in $dir, which has ${free_gb} GB: free space" \
+            "(e.g. '$BUILDER image prune', or remove old rlp images) or set RLP_IMAGE_MIN_FREE_GB"
+    fi
+}
+
 build() {  # target
     local target=$1 dockerfile image ids=() base
     dockerfile=$(dockerfile_of "$target")
@@ -265,19 +290,23 @@ build() {  # target
         say "$image is up to date (inputs $hash)"
         return 0
     fi
+    check_free_space "$target"
     say "building $image from $dockerfile"
     local t0=$SECONDS
     if [[ $BUILDER == docker ]]; then
         docker build --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . >&2
     else
-        local bud=(podman build) stage="rlp-$target-build-stage:$TAG" old_image old_stage
+        local bud=(podman build) stage="" old_image old_stage=""
         [[ $BUILDER == buildah ]] && bud=(buildah bud)
         old_image=$(image_id "$image")
-        old_stage=$(image_id "$stage")
-        "${bud[@]}" "${BUILD_FLAGS[@]}" --target build -f "$dockerfile" -t "$stage" . >&2
+        if grep -qiE '^FROM[[:space:]].*[[:space:]]AS[[:space:]]+build[[:space:]]*$' "$dockerfile"; then
+            stage="rlp-$target-build-stage:$TAG"
+            old_stage=$(image_id "$stage")
+            "${bud[@]}" "${BUILD_FLAGS[@]}" --target build -f "$dockerfile" -t "$stage" . >&2
+        fi
         "${bud[@]}" "${BUILD_FLAGS[@]}" --label "dev.rlp.inputs=$hash" -f "$dockerfile" -t "$image" . >&2
         remove_replaced "$old_image" "$image"
-        remove_replaced "$old_stage" "$stage"
+        [[ -z "$stage" ]] || remove_replaced "$old_stage" "$stage"
     fi
     say "built $image in $((SECONDS - t0)) s"
 }

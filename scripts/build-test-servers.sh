@@ -11,7 +11,8 @@
 # Progress goes to stderr; the last line on stdout is the bin directory.
 #
 # Environment: RLP_TESTBIN_DIR (cache root), RLP_GO (the go command), RLP_BUILD_JOBS (go build -p, default 2),
-# RLP_BUILD_QUIET=1 (say nothing on stderr unless something has to be built).
+# RLP_BUILD_QUIET=1 (say nothing on stderr unless something has to be built), RLP_GO_CACHES=keep (build with
+# go's own caches, kept; default: temporary ones, removed at the end).
 set -euo pipefail
 
 K8S_VERSION=1.36.3          # k8s.io/kubernetes; staging modules at v0.36.3 (tools/testbin/go.mod)
@@ -75,6 +76,15 @@ if [[ -z "$minor" || "$minor" -lt 26 ]]; then
     GO="$(fetch_toolchain "$GO")"
 fi
 export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOTOOLCHAIN=local
+# The build's Go caches (module downloads, about 3 GB; compiled packages, about 6 GB) are its own and go
+# when it ends: the binaries are what is kept, and the disk must still hold the job image's build
+# (scripts/build-images.sh). RLP_GO_CACHES=keep builds with go's usual caches instead.
+if [[ "${RLP_GO_CACHES:-temporary}" != keep ]]; then
+    mkdir -p "$CACHE"
+    GO_TMP="$(mktemp -d "${CACHE}/.go-caches.XXXXXX")"
+    export GOCACHE="${GO_TMP}/build" GOMODCACHE="${GO_TMP}/mod"
+    trap 'chmod -R u+w "$GO_TMP" 2>/dev/null; rm -rf "$GO_TMP"' EXIT  # module files are read-only
+fi
 info "go: $("$GO" version)"
 
 mkdir -p "$BIN" "$STAGES"

@@ -120,7 +120,7 @@ def test_job_image_runs_rlp_phase_as_non_root_with_caches_on_writable_mounts():
     entrypoint = json.loads(next(args for word, args in final if word == "ENTRYPOINT"))
     assert entrypoint == ["rlp", "phase"]
     env = image_env(JOBS_DOCKERFILE)
-    assert env["HOME"] == "/tmp" and next(args for word, args in final if word == "WORKDIR") == "/tmp"
+    assert env["HOME"] == "/tmp" and [args for word, args in final if word == "WORKDIR"][-1] == "/tmp"  # the last one holds
     writable = ("/tmp", "/var/cache/rlp")  # the operator's emptyDir mounts
     for key in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "RLP_CACHE_DIR", "HF_HOME", "TRITON_CACHE_DIR",
                 "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR"):  # fmt: skip
