@@ -220,9 +220,9 @@ def checkpoints_at(root: Path) -> Checkpoints:
     return Checkpoints(root / "policy", root / "reward", root / "value")
 
 
-def build_checkpoints(root: Path, s: Settings) -> tuple[Checkpoints, PreTrainedTokenizerFast]:
+def build_checkpoints(root: Path, s: Settings, critic: bool = True) -> tuple[Checkpoints, PreTrainedTokenizerFast]:
     """One policy (the tiny Llama, or SmolLM2-135M-Instruct), saved once: policy, RM (policy + scalar head),
-    value model (RM + token head)."""
+    value model (RM + token head; not with `critic=False`, for critic-free algorithms)."""
     if s.model == "smollm2":
         source = fetch_model("smollm2")
         tokenizer = load_tokenizer(source)
@@ -240,8 +240,9 @@ def build_checkpoints(root: Path, s: Settings) -> tuple[Checkpoints, PreTrainedT
     save_model(policy, tokenizer, ck.policy)
     torch.manual_seed(s.seed + 1)
     save_model(load_reward_model(ck.policy), tokenizer, ck.reward)
-    torch.manual_seed(s.seed + 2)
-    save_model(load_value_model(ck.reward), tokenizer, ck.value)
+    if critic:
+        torch.manual_seed(s.seed + 2)
+        save_model(load_value_model(ck.reward), tokenizer, ck.value)
     return ck, load_tokenizer(ck.policy)
 
 
@@ -356,12 +357,18 @@ class TimedGC:
 
 
 class Interleave(TrainerCallback):
-    """At each TRL step boundary: record TRL's step time, run one rlp step, re-arm TRL's clock."""
+    """At each TRL step boundary: record TRL's step time, run one rlp step, re-arm TRL's clock.
 
-    def __init__(self, rlp_step_fn: Callable[[], dict[str, float]], threads: int, timed_gc: TimedGC):
+    `every`: TRL optimizer steps per rlp step (1 here; GRPO's rollout spans several of TRL's steps), so a TRL
+    sample is the time of `every` consecutive steps. `timed_gc` None: no `gc.collect()` time to record (0)."""
+
+    def __init__(self, rlp_step_fn: Callable[[], dict[str, float]], threads: int, timed_gc: TimedGC | None = None,
+                 every: int = 1):
         self.rlp_step_fn = rlp_step_fn
         self.threads = threads
-        self.timed_gc = timed_gc
+        self.timed_gc = timed_gc if timed_gc is not None else TimedGC()
+        self.every = every
+        self._steps = 0
         self.trl_seconds: list[float] = []
         self.trl_gc_seconds: list[float] = []
         self.rlp_rows: list[dict[str, float]] = []
@@ -374,6 +381,9 @@ class Interleave(TrainerCallback):
         self._t = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._steps += 1
+        if self._steps % self.every:
+            return
         self.trl_seconds.append(time.perf_counter() - self._t)
         self.trl_gc_seconds.append(self.timed_gc.seconds)
         self.rlp_rows.append(self.rlp_step_fn())
@@ -460,11 +470,13 @@ def peak_rss_mib() -> float:
 
 
 class StepClock(TrainerCallback):
-    """TRL's step times alone: the time between consecutive `on_step_end` calls."""
+    """TRL's step times alone: the time between consecutive `on_step_end` calls (between every `every`-th)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, every: int = 1):
         self.threads = threads
+        self.every = every
         self.seconds: list[float] = []
+        self._steps = 0
         self._t = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -472,12 +484,18 @@ class StepClock(TrainerCallback):
         self._t = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._steps += 1
+        if self._steps % self.every:
+            return
         self.seconds.append(time.perf_counter() - self._t)
         self._t = time.perf_counter()
 
 
-def child_main(s: Settings, which: str, root: Path) -> None:
-    """One framework alone: load its models from `root`, run `memory_steps` PPO steps, print its RSS figures."""
+def child_main(s: Settings, which: str, root: Path, make_rlp_fn: Callable = make_rlp, make_trl_fn: Callable = make_trl,
+               every: int = 1, peak_fn: Callable[[], float] = peak_rss_mib) -> None:
+    """One framework alone: load its models from `root`, run `memory_steps` PPO steps, print its RSS figures.
+    Another benchmark passes its own trainer builders (same signatures), TRL optimizer steps per step and peak
+    reading."""
     after_imports = rss_mib()
     ck = checkpoints_at(root)
     tokenizer = load_tokenizer(ck.policy)
@@ -485,35 +503,39 @@ def child_main(s: Settings, which: str, root: Path) -> None:
     prompts = bench_prompts(s)
     torch.manual_seed(s.seed)
     if which == "rlp":
-        trainer = make_rlp(ck, tokenizer, prompts, s)
-        loaded, loaded_peak, loaded_file = rss_mib(), peak_rss_mib(), rss_mib("RssFile")
+        trainer = make_rlp_fn(ck, tokenizer, prompts, s)
+        loaded, loaded_peak, loaded_file = rss_mib(), peak_fn(), rss_mib("RssFile")
         trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
         seconds = [rlp_step(trainer)["seconds"] for _ in range(s.memory_steps)]
     else:
-        clock = StepClock(s.threads)
+        clock = StepClock(s.threads, every)
         with tempfile.TemporaryDirectory(prefix="rlp-bench-trl-child-") as tmp:
-            trainer = make_trl(ck, tokenizer, prompts, s, Path(tmp), s.memory_steps, clock)
+            trainer = make_trl_fn(ck, tokenizer, prompts, s, Path(tmp), s.memory_steps, clock)
             torch.set_num_threads(s.threads)
-            loaded, loaded_peak, loaded_file = rss_mib(), peak_rss_mib(), rss_mib("RssFile")
+            loaded, loaded_peak, loaded_file = rss_mib(), peak_fn(), rss_mib("RssFile")
             trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             trainer.train()
         seconds = clock.seconds
     result = {"framework": which, "after_imports_mib": after_imports, "after_loading_mib": loaded,
               "peak_after_loading_mib": loaded_peak, "after_loading_file_mib": loaded_file,
-              "peak_mib": peak_rss_mib(), "end_mib": rss_mib(), "end_anon_mib": rss_mib("RssAnon"),
+              "peak_mib": peak_fn(), "end_mib": rss_mib(), "end_anon_mib": rss_mib("RssAnon"),
               "end_file_mib": rss_mib("RssFile"),
               "steps": len(seconds), "seconds": seconds, "trainable": trainable, "load": os.getloadavg()[0]}
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_children(s: Settings, root: Path) -> dict[str, dict]:
-    """Each framework alone, one after the other, in a fresh child process of this script."""
+def run_children(s: Settings, root: Path, script: Path | None = None,
+                 flags: list[str] | None = None) -> dict[str, dict]:
+    """Each framework alone, one after the other, in a fresh child process of this script (or of `script`,
+    another benchmark with the same `--child` mode, given its settings as `flags`)."""
+    if flags is None:
+        flags = ["--batch", str(s.batch), "--response-length", str(s.response_length), "--ppo-epochs",
+                 str(s.ppo_epochs), "--num-mini-batches", str(s.num_mini_batches)]
     out = {}
     for which in ("rlp", "trl"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--model", s.model, "--child", which,
-               "--checkpoints", str(root), "--batch", str(s.batch), "--response-length", str(s.response_length),
-               "--ppo-epochs", str(s.ppo_epochs), "--num-mini-batches", str(s.num_mini_batches),
-               "--threads", str(s.threads), "--memory-steps", str(s.memory_steps)]
+        cmd = [sys.executable, str(script or Path(__file__).resolve()), "--model", s.model, "--child", which,
+               "--checkpoints", str(root), *flags, "--threads", str(s.threads),
+               "--memory-steps", str(s.memory_steps)]
         print(f"peak memory: {which} alone, {s.memory_steps} steps in a child process ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         rows = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -622,11 +644,13 @@ LORA_DIFFERENCES = """\
 """
 
 
-def model_line(s: Settings, env: dict, n_params: dict[str, int]) -> str:
+def model_line(s: Settings, env: dict, n_params: dict[str, int], critic: bool = True) -> str:
+    """The report's model line; `critic=False` for a critic-free algorithm (no value model)."""
     if s.model == "tiny":
         return (f"- Model: tiny Llama from `TinyModel()` defaults (hidden {s.tiny.hidden_size}, {s.tiny.num_layers} "
                 f"layers, {s.tiny.num_heads} heads, MLP {s.tiny.intermediate_size}, vocab {env['vocab']}; "
-                f"{n_params['total']:,} parameters per policy); policy, reference, value and reward models loaded by "
+                f"{n_params['total']:,} parameters per policy); "
+                f"{'policy, reference, value and' if critic else 'policy, reference and'} reward models loaded by "
                 "each framework from one saved set.")
     lora = s.lora
     return (f"- Model: SmolLM2-135M-Instruct (`rlp_core.pretrained.fetch_model(\"smollm2\")`: the fp32 HF conversion "
@@ -634,19 +658,27 @@ def model_line(s: Settings, env: dict, n_params: dict[str, int]) -> str:
             f"{env['vocab']:,}; {n_params['total'] - n_params['trainable']:,} parameters per policy). LoRA on the "
             f"policy: rank {lora.rank}, α {lora.alpha:g}, dropout {lora.dropout:g}, on "
             f"{', '.join(lora.target_modules)} ({n_params['trainable']:,} trainable parameters); reference = the "
-            "policy with adapters disabled (both sides). RM and value model = the same backbone with one fresh "
-            "scalar head (built once and saved, so both frameworks load identical weights); the critic is "
-            "trained in full, the RM frozen.")
+            "policy with adapters disabled (both sides). "
+            + ("RM and value model = the same backbone with one fresh scalar head (built once and saved, so both "
+               "frameworks load identical weights); the critic is trained in full, the RM frozen." if critic else
+               "RM = the same backbone with one fresh scalar head (built once and saved, so both frameworks load "
+               "identical weights), frozen; no value model."))
 
 
-def memory_section(s: Settings, memory: dict[str, dict]) -> list[str]:
+def memory_section(s: Settings, memory: dict[str, dict],
+                   trainers: tuple[str, str] = ("rlp `PPOTrainer`", "TRL `PPOTrainer`"), algorithm: str = "PPO",
+                   checkpoints: str = "three",
+                   peak: str = "`getrusage(RUSAGE_SELF).ru_maxrss` at the end, the process's high-water mark",
+                   ) -> list[str]:
+    """The peak-memory part of the report (another benchmark names its trainers, algorithm, saved models and how
+    it reads the peak)."""
     r, t = memory["rlp"], memory["trl"]
 
     def ratio(key: str, base: str | None = None) -> float:
         return (r[key] - (r[base] if base else 0)) / (t[key] - (t[base] if base else 0))
 
     rows = []
-    for name, m in (("rlp `PPOTrainer`", r), ("TRL `PPOTrainer`", t)):
+    for name, m in zip(trainers, (r, t), strict=True):
         rows.append(f"| {name} | {m['after_imports_mib']:,.0f} | {m['after_loading_mib']:,.0f} "
                     f"({m['peak_after_loading_mib']:,.0f}) | **{m['peak_mib']:,.0f}** | "
                     f"**{m['peak_mib'] - m['after_imports_mib']:,.0f}** | {m['end_mib']:,.0f} "
@@ -658,8 +690,8 @@ def memory_section(s: Settings, memory: dict[str, dict]) -> list[str]:
         "Two frameworks interleaved in one process share one high-water mark, so this part runs each alone in "
         f"a fresh child process of the script (`--child rlp|trl`, one after the other, same settings): it imports "
         f"everything the benchmark imports, loads its models from the saved set, builds its trainer and runs "
-        f"{s.memory_steps} PPO steps. RSS in MiB (`VmRSS` at the two marks; peak = "
-        "`getrusage(RUSAGE_SELF).ru_maxrss` at the end, the process's high-water mark).",
+        f"{s.memory_steps} {algorithm} steps. RSS in MiB (`VmRSS` at the two marks; peak = "
+        f"{peak}).",
         "",
         "| | RSS after imports | RSS after loading models + trainer (peak so far) | peak RSS | peak − after "
         "imports (models + training) | RSS at the end (anonymous / file-backed) | its step times, s |",
@@ -673,8 +705,8 @@ def memory_section(s: Settings, memory: dict[str, dict]) -> list[str]:
         "memory-mapped safetensors files (file-backed RSS after loading: rlp "
         f"{r['after_loading_file_mib']:,.0f} MiB, TRL {t['after_loading_file_mib']:,.0f} MiB), and they become "
         "resident as the first step reads them, so no training-only increment is derived from it; the figure above "
-        "the imports counts models and training together. Both frameworks load the same three checkpoints the "
-        "same way, run the same torch and allocator, and RSS includes memory the allocator keeps after a free. "
+        f"the imports counts models and training together. Both frameworks load the same {checkpoints} checkpoints "
+        "the same way, run the same torch and allocator, and RSS includes memory the allocator keeps after a free. "
         "The step times of these solo runs are only a sanity check (first steps, no warm-up, and the two ran "
         "one after the other under whatever load the machine had then; the interleaved table is the comparison).",
         "",

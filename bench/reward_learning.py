@@ -208,14 +208,14 @@ def rm_scores(rm, tokenizer, rollout) -> torch.Tensor:
         return reward_scores(rm, rollout.sequences, rollout.attention_mask)
 
 
-def pairwise_accuracy(scores: list[float], prompts: list[str], responses: list[str], task: ArithTask, k: int) -> float:
+def pairwise_accuracy(scores: list[float], prompts: list[str], responses: list[str], gold, k: int) -> float:
     """Share of the pairs of one prompt's samples that the gold judge orders (ties dropped) and the scores
     order the same way; ties in score count half."""
     right = total = 0.0
     for start in range(0, len(prompts), k):
         for i in range(start, start + k):
             for j in range(i + 1, start + k):
-                gi, gj = task.gold_score(prompts[i], responses[i]), task.gold_score(prompts[j], responses[j])
+                gi, gj = gold(prompts[i], responses[i]), gold(prompts[j], responses[j])
                 if gi == gj:
                     continue
                 si, sj = scores[i], scores[j]
@@ -237,7 +237,7 @@ def probe_point(policy, reference, tokenizer, rm, prompts: list[str], k: int, se
     gold = [task.gold_score(p, r) for p, r in zip(repeated, responses)]
     point = {"gold": statistics.fmean(gold), "kl": kl, "hack_rate": statistics.fmean(not task.parses(r) for r in responses)}
     if rm is not None:
-        point["rm_accuracy"] = pairwise_accuracy(rm_scores(rm, tokenizer, rollout).tolist(), repeated, responses, task, k)
+        point["rm_accuracy"] = pairwise_accuracy(rm_scores(rm, tokenizer, rollout).tolist(), repeated, responses, task.gold_score, k)
     policy.train(was_training)
     return point
 

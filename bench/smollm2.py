@@ -77,7 +77,7 @@ def accuracy(policy_dir: Path, prompts: list[str], judge, evaluation, greedy: bo
     for i in range(0, len(asked), 32):
         chunk = asked[i : i + 32]
         roll = sample_responses(model, tok, chunk, max_new_tokens=evaluation.max_new_tokens,
-                                temperature=evaluation.temperature, do_sample=not greedy)
+                                temperature=evaluation.temperature, do_sample=not greedy, logprobs=False)
         right += [float(judge(p, r) == 1.0) for p, r in zip(chunk, decode_responses(tok, roll))]
     return [sum(right[i : i + k]) / k for i in range(0, len(right), k)]
 

@@ -20,7 +20,7 @@ from rlp_core.data import DataError, PreferencePair, Record, Sample, load_record
 from rlp_core.hub import HF_SCHEME, PACKAGED_SCHEME, ModelSourceError, check_model_dir, fetch_hf
 from rlp_core.judges import programmatic_judge
 from rlp_core.manifest import Manifest
-from rlp_core.models import default_device, load_reward_model, load_tokenizer, with_lora
+from rlp_core.models import default_device, load_reward_model, load_tokenizer, render_prompt, with_lora
 from rlp_core.pretrained import ModelSetupError, fetch_model
 from rlp_core.provenance import POLICY_PRODUCERS, RM_PRODUCERS, Provenance, latest_producer, output_key
 from rlp_core.spec import RLPRun, Storage
@@ -43,6 +43,25 @@ StepCallback = Callable[[Any, dict[str, float]], None]
 
 class PhaseError(RuntimeError):
     """A phase cannot run (missing input, bad data); the message says what to fix."""
+
+
+def prompt_token_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt as the policy reads it: rendered (chat template, system prompt), as encode_prompts does."""
+    return [len(ids) for ids in tokenizer([render_prompt(tokenizer, p) for p in prompts],
+                                          add_special_tokens=False)["input_ids"]]
+
+
+def check_prompts_fit(lengths: list[int], max_prompt_tokens: int, source: str) -> None:
+    """PhaseError naming the longest prompt when any is over `max_prompt_tokens`: a longer prompt would push
+    sequences past the length every phase plans for, so it is rejected rather than truncated."""
+    if not lengths or max(lengths) <= max_prompt_tokens:
+        return
+    longest = max(lengths)
+    index, over = lengths.index(longest), sum(n > max_prompt_tokens for n in lengths)
+    raise PhaseError(f"{source}: prompt {index} renders to {longest} tokens, more than spec.policy.maxPromptTokens "
+                     f"({max_prompt_tokens}); {over} of {len(lengths)} prompts are over. Raise policy.maxPromptTokens "
+                     f"to at least {longest}, shorten the prompts, or set policy.systemPrompt: \"\" to drop the chat "
+                     "template's default system message")
 
 
 def cached_copy_is_intact(local: Path, manifest: Manifest) -> bool:
@@ -88,17 +107,22 @@ class PhaseContext:
             spec.generation.max_new_tokens, spec.optimization.max_new_tokens, spec.evaluation.max_new_tokens)
 
     def tokenizer(self, path: Path):
-        """The tokenizer of a model directory, with the run's chat-template setting."""
+        """The tokenizer of a model directory, with the run's chat-template and system-prompt settings."""
         try:
-            return load_tokenizer(path, self.spec.policy.chat_template)
+            return load_tokenizer(path, self.spec.policy.chat_template, self.spec.policy.system_prompt)
         except (FileNotFoundError, OSError, ValueError) as err:
             raise PhaseError(f"spec.policy.model / spec.rewardModel.model: {err}") from None
 
-    def check_fits(self, tokenizer, prompts: list[str], max_new_tokens: int, field: str) -> None:
-        """PhaseError when the longest prompt plus `max_new_tokens` exceeds the tiny model's positions."""
-        if self.spec.policy.model is not None or not prompts:
+    def check_fits(self, tokenizer, prompts: list[str], max_new_tokens: int, field: str, source: str) -> None:
+        """PhaseError when a rendered prompt is longer than spec.policy.maxPromptTokens (pretrained policy) or,
+        with `max_new_tokens`, than the tiny model's positions: such sequences are never cut silently."""
+        if not prompts:
             return
-        longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+        lengths = prompt_token_lengths(tokenizer, prompts)
+        if self.spec.policy.model is not None:
+            check_prompts_fit(lengths, self.spec.policy.max_prompt_tokens, source)
+            return
+        longest = max(lengths)
         if longest + max_new_tokens > self.max_length:
             raise PhaseError(f"the longest prompt has {longest} tokens and spec.{field} is {max_new_tokens}: more than "
                              f"spec.policy.sft.tiny.maxPositions ({self.max_length}); raise maxPositions to at least "
@@ -202,16 +226,20 @@ class PhaseContext:
         return programmatic_judge(spec.evaluation.judge)
 
 
+def load_trainable_reward_model(ctx: PhaseContext, init_dir: Path) -> Any:
+    """The RM at `init_dir` on the phase's device, ready to train: with LoRA adapters (and a trainable score
+    head) when spec.rewardModel.lora is set, so every phase that trains the RM honours that setting alike."""
+    model = load_reward_model(init_dir)
+    if ctx.spec.reward_model.lora is not None:
+        model = with_lora(model, ctx.spec.reward_model.lora, "SEQ_CLS")
+    return model.to(ctx.device)
+
 
 def train_reward_model(
     ctx: PhaseContext, init_dir: Path, pairs: list[PreferencePair], training, description: str,
 ) -> tuple[Any, Any, dict[str, float]]:
     """Continue training the RM at `init_dir` on `pairs`; report held-out human accuracy before/after."""
-    tokenizer = ctx.tokenizer(init_dir)
-    model = load_reward_model(init_dir)
-    if ctx.spec.reward_model.lora is not None:
-        model = with_lora(model, ctx.spec.reward_model.lora, "SEQ_CLS")
-    model = model.to(ctx.device)
+    tokenizer, model = ctx.tokenizer(init_dir), load_trainable_reward_model(ctx, init_dir)
     _, held_out = ctx.human_pairs()
     before = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
     batches = minibatches(pairs, training.batch_size, training.epochs, ctx.spec.seed + ctx.round)

@@ -78,13 +78,31 @@ def parse(uri: str) -> tuple[str, str | None, dict[str, Any], dict[str, Any]]:
     return task, split, ours, config
 
 
+def _last_number(response: str) -> str | None:
+    numbers = _NUMBER.findall(response)
+    return numbers[-1] if numbers else None
+
+
 def judge_score(dataset, entry: dict, response: str, mode: str) -> float:
     """The task's score of a response, the answer read from it as `mode` says (see the module docstring)."""
     response = response.strip()
     if mode == "last-number":
-        numbers = _NUMBER.findall(response)
-        return float(bool(numbers) and float(dataset.score_answer(numbers[-1], entry)) == 1.0)
+        number = _last_number(response)
+        return float(number is not None and float(dataset.score_answer(number, entry)) == 1.0)
     return float(dataset.score_answer(response, entry))
+
+
+def read_answer(response: str, mode: str) -> str | None:
+    """The answer `judge_score` reads from a response, in a canonical form ("13.0" and "13" are one
+    answer), or None when it reads none. It sees the response only, never the entry's answer."""
+    response = response.strip()
+    if mode != "last-number":
+        return response or None
+    number = _last_number(response)
+    if number is None:
+        return None
+    value = float(number)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def _dataset(task: str, size: int, seed: int, config: dict[str, Any], uri: str):
@@ -163,6 +181,13 @@ def records(uri: str) -> list[dict]:
         if len(out) == n:
             break
     return out
+
+
+def answer_reader(uri: str):
+    """response -> the answer the judge of `uri` reads (None when it reads none); see `read_answer`."""
+    _, _, ours, _ = parse(uri)
+    mode = ours.get("answer", "exact")
+    return lambda response: read_answer(response, mode)
 
 
 def gold_judge(uri: str):

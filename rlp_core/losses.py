@@ -75,21 +75,92 @@ def shaped_rewards(
     return rewards
 
 
-def ppo_policy_loss(
+def clipped_surrogate(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), token-averaged; also clip fraction and approximate KL."""
+    """Per-token max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) (A per token, or per response as (B, 1)); with the clip
+    fraction and approximate KL to the rollout policy over valid tokens."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).float(), mask),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
         }
-    return loss, stats
+    return torch.max(unclipped, clipped), stats
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate, token-averaged; also clip fraction and approximate KL."""
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)
+    return masked_mean(per_token, mask), stats
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantage of each response: its reward minus its group's mean, divided by the group's
+    (unbiased) standard deviation + ε when `scale` (Dr. GRPO: centred only). A group is `group_size`
+    consecutive responses to one prompt; a group whose rewards are all equal gets 0 everywhere."""
+    groups = scores.view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage: a response's reward minus the mean of the other k − 1 rewards of its group."""
+    groups = scores.view(-1, group_size)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def zero_signal_share(scores: torch.Tensor, group_size: int) -> float:
+    """Share of groups whose rewards are all equal: their advantages are 0, so they teach nothing."""
+    groups = scores.view(-1, group_size)
+    return (groups.max(1).values == groups.min(1).values).float().mean().item()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(π‖π_ref) per sampled token, exp(δ) − δ − 1 with δ = log π_ref − log π: unbiased
+    and never negative (Schulman 2020; GRPO's KL term)."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+def grpo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, clip_range: float, kl_coef: float, length_normalize: bool = True, max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO: the clipped surrogate with one advantage per response (B,), plus β·k3 KL per token (β = 0: the KL
+    is in the reward instead). `length_normalize`: each response's token mean, then the mean over responses
+    (the paper's 1/G Σ_i 1/|o_i| Σ_t); else each response's token sum over `max_tokens` (Dr. GRPO)."""
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages.unsqueeze(1), mask, clip_range)
+    kl = k3_kl(logprobs, ref_logprobs)
+    if kl_coef:
+        per_token = per_token + kl_coef * kl
+    m = mask.to(per_token.dtype)
+    if length_normalize:
+        per_response = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
+    else:
+        if max_tokens is None:
+            raise ValueError("length_normalize=False needs max_tokens (the constant the token sums are divided by)")
+        per_response = (per_token * m).sum(1) / max_tokens
+    with torch.no_grad():
+        stats["k3_kl"] = masked_mean(kl, mask)
+    return per_response.mean(), stats
+
+
+def rloo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RLOO: REINFORCE of each whole response, A·log π(y) = A·Σ_t log π(y_t), with one advantage per response
+    (B,); the ratio is clipped per token, which changes nothing in the first epoch (ρ = 1)."""
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages.unsqueeze(1), mask, clip_range)
+    return (per_token * mask.to(per_token.dtype)).sum(1).mean(), stats
 
 
 def apa_policy_loss(
@@ -124,7 +195,3 @@ def value_loss(
         frac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
     return loss, {"value_clip_fraction": frac}
 
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)

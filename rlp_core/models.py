@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import logging as transformers_logging
 from transformers import (
@@ -39,6 +40,7 @@ from rlp_core.spec import LoRA, TinyModel
 transformers_logging.set_verbosity_error()
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+SYSTEM_PROMPT_ATTR = "rlp_system_prompt"  # the tokenizer attribute render_prompt reads (load_tokenizer)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -71,9 +73,12 @@ def build_tiny_policy(tokenizer: PreTrainedTokenizerFast, cfg: TinyModel, seed: 
     return LlamaForCausalLM(config)
 
 
-def load_tokenizer(path: Path, chat_template: str = "auto") -> PreTrainedTokenizerFast:
+def load_tokenizer(path: Path, chat_template: str = "auto", system_prompt: str | None = None) -> PreTrainedTokenizerFast:
     """The tokenizer of a model directory, left-padding; `chat_template="none"` drops its chat template so
-    prompts go in as plain text (`auto` keeps it when the model has one, see `render_prompt`)."""
+    prompts go in as plain text (`auto` keeps it when the model has one, see `render_prompt`).
+
+    `system_prompt` rides on the tokenizer (not saved with it) so every rendering of a phase uses the spec's:
+    None keeps the template's default, a string is the system message, "" renders no system block."""
     if not (Path(path) / "tokenizer.json").exists() and not (Path(path) / "tokenizer_config.json").exists():
         raise FileNotFoundError(f"{path}: tokenizer missing (no tokenizer.json); save the tokenizer with the model")
     tok = PreTrainedTokenizerFast.from_pretrained(path)
@@ -82,22 +87,41 @@ def load_tokenizer(path: Path, chat_template: str = "auto") -> PreTrainedTokeniz
         tok.pad_token = tok.eos_token
     if chat_template == "none":
         tok.chat_template = None
+    setattr(tok, SYSTEM_PROMPT_ATTR, system_prompt)
     return tok
+
+
+def _chat(tokenizer: PreTrainedTokenizerFast, messages: list[dict], generation_prompt: bool = True) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+
+def _without_system_block(tokenizer: PreTrainedTokenizerFast, messages: list[dict]) -> str:
+    """The rendering with no system block: templates such as SmolLM2's insert a default system prompt whenever
+    the first message is not a system one, so render an empty system message and cut its (leading) block out."""
+    empty = [{"role": "system", "content": ""}]
+    block, text = _chat(tokenizer, empty, generation_prompt=False), _chat(tokenizer, empty + messages)
+    return text[len(block):] if block and text.startswith(block) else text
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> str:
     """The model's input text for a prompt: the chat template with the generation prompt when the tokenizer
-    has one, else the plain text. A conversational prompt is the JSON text of its messages (rlp_core.data)."""
+    has one, else the plain text. A conversational prompt is the JSON text of its messages (rlp_core.data);
+    its own system message wins over the tokenizer's system prompt (see `load_tokenizer`)."""
     messages = None
     if prompt.startswith("[{"):
         try:
             messages = json.loads(prompt)
         except json.JSONDecodeError:
             messages = None
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages or [{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-    return "\n".join(m["content"] for m in messages) if messages else prompt
+    if not tokenizer.chat_template:
+        return "\n".join(m["content"] for m in messages) if messages else prompt
+    messages = messages or [{"role": "user", "content": prompt}]
+    system = getattr(tokenizer, SYSTEM_PROMPT_ATTR, None)
+    if system is None or messages[0]["role"] == "system":
+        return _chat(tokenizer, messages)
+    if system:
+        return _chat(tokenizer, [{"role": "system", "content": system}, *messages])
+    return _without_system_block(tokenizer, messages)
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> list[int]:
@@ -235,34 +259,76 @@ def suppressed_token_ids(tokenizer: PreTrainedTokenizerFast, stop_ids: Sequence[
     return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, *stop_ids})
 
 
+# Cap on the fp32 [rows, R, V] block the log-softmax works on at once: a 49k-token vocabulary makes the full
+# block of a rollout batch gigabytes.
+CHUNK_BYTES = 256 * 2**20
+
+
 def masked_logits(logits: torch.Tensor, suppress: Sequence[int] = ()) -> torch.Tensor:
     """Logits with the suppressed token ids set to −inf (a copy; `logits` is left unchanged)."""
     if not suppress:
         return logits
-    logits = logits.clone()
-    logits[..., list(suppress)] = float("-inf")
-    return logits
+    return logits.index_fill(-1, torch.tensor(list(suppress), device=logits.device), float("-inf"))
+
+
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """−Σ p·log p over the last dim; a −inf log-prob (a suppressed token) adds 0, not 0·(−inf) = nan."""
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+
+
+def _chunk_stats(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, suppress: tuple[int, ...], entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logp = torch.log_softmax(masked_logits(logits.float(), suppress) / temperature, dim=-1)
+    chosen = torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen, entropy_from_logprobs(logp) if entropy else None
+
+
+def token_stats(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, suppress: Sequence[int] = (),
+    *, entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log π(token), entropy of π or None) under `logits / temperature` over the non-suppressed vocabulary;
+    logits[:, t] predicts tokens[:, t]. A suppressed token (only ever padding here) gets −inf.
+
+    Worked in chunks of batch rows of at most CHUNK_BYTES of fp32, so the [B, T, V] log-softmax never exists
+    whole; under autograd each chunk is checkpointed, so the backward keeps only its input logits (a view)
+    and recomputes the softmax chunk by chunk.
+    """
+    rows = max(1, CHUNK_BYTES // (4 * logits.shape[1] * logits.shape[2]))
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    args = (temperature, tuple(suppress), entropy)
+    parts = [
+        checkpoint(_chunk_stats, logits[i : i + rows], tokens[i : i + rows], *args, use_reentrant=False) if grad
+        else _chunk_stats(logits[i : i + rows], tokens[i : i + rows], *args)
+        for i in range(0, logits.shape[0], rows)
+    ]
+    logprobs = torch.cat([lp for lp, _ in parts])
+    return logprobs, torch.cat([h for _, h in parts]) if entropy else None
 
 
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, suppress: Sequence[int] = ()
 ) -> torch.Tensor:
-    """log π(token) under `logits / temperature` over the non-suppressed vocabulary; logits[:, t] predicts
-    tokens[:, t]. A suppressed token (only ever padding here) gets −inf, which callers mask out."""
-    logp = torch.log_softmax(masked_logits(logits.float(), suppress) / temperature, dim=-1)
-    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log π(token) of `token_stats`."""
+    return token_stats(logits, tokens, temperature, suppress)[0]
 
 
 def response_logprobs(
     model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float,
-    suppress: Sequence[int] = (),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, logits) of the response tokens sequences[:, prompt_len:] under `model`; the logits have
-    the suppressed ids at −inf, and log-probs of suppressed tokens (padding) are set to 0."""
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    logits = masked_logits(out.logits[:, prompt_len - 1 : -1], suppress)
-    logprobs = token_logprobs(logits, sequences[:, prompt_len:], temperature)
-    return logprobs.masked_fill(torch.isinf(logprobs), 0.0), logits
+    suppress: Sequence[int] = (), *, entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropy or None) of the response tokens sequences[:, prompt_len:] under `model`, with the
+    suppressed ids at −inf; log-probs of suppressed tokens (padding) are set to 0.
+
+    Only the last R+1 positions get logits (`logits_to_keep`): the prompt's would be most of a [B, P+R, V]
+    tensor that nothing reads.
+    """
+    response_len = sequences.shape[1] - prompt_len
+    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                logits_to_keep=response_len + 1)
+    logprobs, ent = token_stats(out.logits[:, :-1], sequences[:, prompt_len:], temperature, suppress, entropy=entropy)
+    return logprobs.masked_fill(torch.isinf(logprobs), 0.0), ent
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

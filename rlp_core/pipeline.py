@@ -37,6 +37,7 @@ from rlp_core.data import (
     DataError, Demonstration, Prompt, Sample, load_records, spec_sources, write_records,
 )
 from rlp_core.evaluate import paired_change, win_rate
+from rlp_core.grpo import GRPOTrainer
 from rlp_core.manifest import MANIFEST_NAME, Manifest, code_version, publish_phase_output, utc_now
 from rlp_core.models import (
     build_tiny_policy, enable_gradient_checkpointing, freeze_backbone, frozen_dtype, load_policy, load_reward_model, load_value_model,
@@ -44,12 +45,14 @@ from rlp_core.models import (
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.provenance import Provenance, output_key, upstream
+from rlp_core.reward_functions import user_reward
+from rlp_core.rloo import RLOOTrainer
 from rlp_core.sampling import decode_responses, sample_responses
 from rlp_core.spec import RLPRun
 from rlp_core.store import Store
 from rlp_core.supervised import fit, minibatches, sft_loss
 from rlp_core.judges import is_programmatic, programmatic_judge
-from rlp_core.telemetry import PhaseTelemetry
+from rlp_core.telemetry import PhaseTelemetry, peak_memory_mb, reset_peak_memory
 
 __all__ = ["HISTORY_FILE", "POLICY_DIR", "RM_DIR", "SAMPLES_FILE", "PhaseContext", "PhaseError", "execute_phase"]
 
@@ -81,7 +84,8 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
     prompts = ctx.records(ctx.spec.prompts, Prompt)[: gen.max_prompts]
     policy_dir = ctx.policy_dir()
     tokenizer = ctx.tokenizer(policy_dir)
-    ctx.check_fits(tokenizer, [p.prompt for p in prompts], gen.max_new_tokens, "generation.maxNewTokens")
+    ctx.check_fits(tokenizer, [p.prompt for p in prompts], gen.max_new_tokens, "generation.maxNewTokens",
+                   "spec.prompts")
     model = load_policy(policy_dir).to(ctx.device)
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
     jobs = [(i, p, k) for i, p in enumerate(prompts) for k in range(gen.samples_per_prompt)]
@@ -129,23 +133,28 @@ def batch_judge(gold: Callable[[str, str], float]) -> Callable[[list[str], list[
     return lambda prompts, responses: [gold(p, r) for p, r in zip(prompts, responses)]
 
 
-TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer}
+TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer, "grpo": GRPOTrainer,
+                                         "rloo": RLOOTrainer}
 
 
-def trainable_models(ctx: PhaseContext, policy_dir: Path, start_dir: Path, value_dir: Path):
-    """(policy, reference or None, critic) of the optimize phase. With `optimization.lora` the policy is a
-    peft model and, while it starts from the reference's weights, the reference is the policy with its
-    adapters disabled (None): one copy of the backbone instead of two."""
+def trainable_models(ctx: PhaseContext, policy_dir: Path, start_dir: Path, value_dir: Path | None):
+    """(policy, reference or None, critic or None) of the optimize phase. With `optimization.lora` the policy
+    is a peft model and, while it starts from the reference's weights, the reference is the policy with its
+    adapters disabled (None): one copy of the backbone instead of two. No `value_dir`: no critic (grpo, rloo)."""
     opt = ctx.spec.optimization
-    policy, value_model = load_policy(policy_dir), load_value_model(value_dir)
+    policy = load_policy(policy_dir)
+    value_model = None if value_dir is None else load_value_model(value_dir)
     if opt.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
-        enable_gradient_checkpointing(value_model)
+        if value_model is not None:
+            enable_gradient_checkpointing(value_model)
     reference = None
     if opt.lora is None or policy_dir != start_dir:
         reference = load_policy(start_dir, frozen_dtype()).to(ctx.device)
     if opt.lora is not None:
         policy = with_lora(policy, opt.lora, "CAUSAL_LM")
+    if value_model is None:
+        return policy.to(ctx.device), reference, None
     if opt.critic_training == "lora":
         value_model = with_lora(value_model, opt.lora, "TOKEN_CLS")
     elif opt.critic_training == "head":
@@ -165,13 +174,18 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
                              "(builtin://<task> or reasoning-gym://<task>); use reward-model otherwise")
         rm_dir = None
         score_fn = lambda prompts, responses, rollout: torch.tensor(judge(prompts, responses))  # noqa: E731
+    elif opt.reward == "function":
+        rm_dir, reward = None, user_reward(opt.reward_function)
+        score_fn = lambda prompts, responses, rollout: torch.tensor(reward(prompts, responses))  # noqa: E731
     else:
         rm_dir = ctx.reward_model_dir()
         reward_model = load_reward_model(rm_dir, frozen_dtype()).to(ctx.device).eval().requires_grad_(False)
         score_fn = rm_score_fn(reward_model, ctx.device)
     value_dir = policy_dir if opt.value_init == "policy" or rm_dir is None else rm_dir
+    if opt.group_size is not None:  # critic-free
+        value_dir = None
     prompts = [p.prompt for p in ctx.records(ctx.spec.prompts, Prompt)]
-    ctx.check_fits(tokenizer, prompts, opt.max_new_tokens, "optimization.maxNewTokens")
+    ctx.check_fits(tokenizer, prompts, opt.max_new_tokens, "optimization.maxNewTokens", "spec.prompts")
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
     policy, reference, value_model = trainable_models(ctx, policy_dir, start_dir, value_dir)
     checkpointer = StoreCheckpointer(ctx.out_store)
@@ -189,10 +203,13 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     with (ctx.out_dir / HISTORY_FILE).open("w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
     last = history[-min(5, len(history)):]
-    metrics = {"algorithm": opt.algorithm, "reward": opt.reward, "value_init": opt.value_init, "steps": len(history),
+    metrics = {"algorithm": opt.algorithm, "reward": opt.reward,
+               "value_init": opt.value_init if value_dir is not None else None, "steps": len(history),
                "resumed_from_step": resumed_from, "reward_mean_first": history[0]["reward_mean"],
                "kl_first": history[0]["kl"], "reward_mean_last": sum(h["reward_mean"] for h in last) / len(last),
                "kl_last": sum(h["kl"] for h in last) / len(last)}
+    if "zero_signal_groups" in history[0]:
+        metrics["zero_signal_groups_mean"] = sum(h["zero_signal_groups"] for h in history) / len(history)
     if gold is not None:
         metrics |= {"gold_mean_first": history[0]["gold_mean"],
                     "gold_mean_last": sum(h["gold_mean"] for h in last) / len(last)}
@@ -223,12 +240,14 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
 
     def answers(policy_dir: Path) -> list[str]:
-        tok, model = ctx.tokenizer(policy_dir), load_policy(policy_dir).to(ctx.device)
+        tok = ctx.tokenizer(policy_dir)
+        ctx.check_fits(tok, prompts, ev.max_new_tokens, "evaluation.maxNewTokens", "spec.evaluation.prompts")
+        model = load_policy(policy_dir).to(ctx.device)
         torch.manual_seed(ctx.spec.seed)
         out = []
         for i in range(0, len(asked), 256):
             roll = sample_responses(model, tok, asked[i : i + 256], max_new_tokens=ev.max_new_tokens,
-                                    temperature=ev.temperature, do_sample=not ev.greedy)
+                                    temperature=ev.temperature, do_sample=not ev.greedy, logprobs=False)
             out += decode_responses(tok, roll)
         return out
 
@@ -352,7 +371,9 @@ def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir
         if run.spec.phase_enabled(phase):
             ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback,
                                provenance=provenance, out_store=target)
+            reset_peak_memory()
             metrics, state = PHASES[phase](ctx), "Succeeded"
+            metrics |= {f"peak_{memory}_mb": mb for memory, mb in peak_memory_mb().items()}
             if ctx.model_revisions:  # hf:// models: the exact commits this phase used
                 metrics["model_revisions"] = ctx.model_revisions
         else:

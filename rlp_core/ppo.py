@@ -5,7 +5,8 @@ penalty when a response has no EOS); shape per-token rewards with −β·KL to t
 GAE (γ, λ) over the value model's estimates; whiten advantages over valid tokens; then `ppo_epochs`
 passes of minibatch updates of the clipped policy loss plus the clipped value loss, stopping an epoch
 early when the approximate KL to the rollout policy exceeds `max_approx_kl`. β is fixed, or adapted
-towards `target_kl` (Ziegler et al. 2019). APA (rlp_core.apa) reuses this loop with another policy loss.
+towards `target_kl` (Ziegler et al. 2019). APA (rlp_core.apa) reuses this loop with another policy loss;
+GRPO and RLOO (rlp_core.grpo, rlp_core.rloo) with grouped prompts, group baselines and no critic.
 
 Policy and critic each have their own optimiser (and DeepSpeed engine) and their gradients are
 clipped separately, as OpenRLHF does: clipped together, the critic's larger gradient norm shrinks the
@@ -35,7 +36,7 @@ from rlp_core import losses
 from rlp_core.models import disable_dropout, position_ids, response_logprobs, stop_token_ids, suppressed_token_ids
 from rlp_core.sampling import Rollout, decode_responses, sample_responses
 from rlp_core.spec import Optimization
-from rlp_core.telemetry import PhaseTelemetry
+from rlp_core.telemetry import POLICY_STATS, PhaseTelemetry
 
 # (prompts, responses, rollout) -> scores (B,)
 ScoreFn = Callable[[list[str], list[str], Rollout], torch.Tensor]
@@ -72,9 +73,9 @@ class Experience:
     mask: torch.Tensor
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
+    values: torch.Tensor | None  # None without a critic (grpo, rloo)
+    advantages: torch.Tensor  # per token (ppo, apa) or per response (grpo, rloo)
+    returns: torch.Tensor | None
     prompt_len: int
 
     def select(self, idx: torch.Tensor) -> Experience:
@@ -90,7 +91,7 @@ def value_forward(value_model: nn.Module, sequences: torch.Tensor, attention_mas
 class _PolicyAndValue(nn.Module):
     """Policy and critic in one module: the unit checkpoints save and restore."""
 
-    def __init__(self, policy: PreTrainedModel, value: PreTrainedModel):
+    def __init__(self, policy: PreTrainedModel, value: PreTrainedModel | None):
         super().__init__()
         self.policy = policy
         self.value = value
@@ -145,7 +146,7 @@ class PPOTrainer:
     config: Optimization
     policy: PreTrainedModel
     reference: PreTrainedModel | None  # None: the policy is a peft model and its adapters-disabled self is the reference
-    value_model: PreTrainedModel
+    value_model: PreTrainedModel | None  # None: a critic-free algorithm (rlp_core.grpo, rlp_core.rloo)
     tokenizer: PreTrainedTokenizerFast
     score_fn: ScoreFn
     prompts: Sequence[str]
@@ -176,9 +177,27 @@ class PPOTrainer:
             if state is not None:
                 self._restore(state)
 
-    # --- policy loss: the one thing APA changes -------------------------------------------------
+    # --- what the other algorithms change: the policy loss (APA), prompts and advantages (GRPO, RLOO) ----
     def policy_loss(self, logprobs: torch.Tensor, batch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return losses.ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.mask, self.config.ppo.clip_range)
+
+    def draw_prompts(self, n: int) -> list[str]:
+        """The prompts of one rollout of n responses: drawn independently."""
+        return [self._rng.choice(self.prompts) for _ in range(n)]
+
+    def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, rollout: Rollout
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+        """(advantages, old values, returns, stats): per-token rewards shaped by −β·KL, GAE over the critic's
+        values, advantages whitened over valid tokens."""
+        cfg = self.config
+        self.value_model.eval()
+        values = value_forward(self.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
+        self.value_model.train()
+        rewards = losses.shaped_rewards(scores, kl, mask, self.kl_ctl.value)
+        if cfg.whiten_rewards:
+            rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
+        return losses.masked_whiten(advantages, mask), values, returns, {}
 
     # --- set-up -------------------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
@@ -188,11 +207,10 @@ class PPOTrainer:
         use_deepspeed = deepspeed_wanted(cfg.deepspeed.enabled)
         if use_deepspeed:
             _single_process_rendezvous()
-        self.trained = {
-            "policy": self._optimised(self.policy, cfg.learning_rate, updates_per_step, use_deepspeed),
-            "value": self._optimised(self.value_model, cfg.value_learning_rate or cfg.learning_rate, updates_per_step,
-                                     use_deepspeed),
-        }
+        self.trained = {"policy": self._optimised(self.policy, cfg.learning_rate, updates_per_step, use_deepspeed)}
+        if self.value_model is not None:
+            self.trained["value"] = self._optimised(self.value_model, cfg.value_learning_rate or cfg.learning_rate,
+                                                    updates_per_step, use_deepspeed)
 
     def _optimised(self, model: nn.Module, lr: float, updates_per_step: int, use_deepspeed: bool) -> OptimisedModel:
         cfg = self.config
@@ -271,18 +289,12 @@ class PPOTrainer:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         mask = rollout.response_mask
         ref_logprobs = self.reference_logprobs(rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
-        self.value_model.eval()
-        values = value_forward(self.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
-        self.value_model.train()
         kl = losses.kl_per_token(rollout.logprobs, ref_logprobs) * mask
-        rewards = losses.shaped_rewards(scores, kl, mask, self.kl_ctl.value)
-        if cfg.whiten_rewards:
-            rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
-        advantages = losses.masked_whiten(advantages, mask)
+        advantages, values, returns, advantage_stats = self.advantages(scores, kl, mask, rollout)
         exp = Experience(rollout.sequences, rollout.attention_mask, mask, rollout.logprobs, ref_logprobs,
                          values, advantages, returns, rollout.prompt_len)
         stats = {
+            **advantage_stats,
             "reward_mean": scores.mean().item(),
             "kl": kl.sum(1).mean().item(),
             "response_length": mask.sum(1).float().mean().item(),
@@ -295,18 +307,19 @@ class PPOTrainer:
         return exp, stats
 
     # --- update -------------------------------------------------------------------------------------
-    def _minibatch_losses(self, batch: Experience) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(policy loss, value_coef × value loss, stats) of one minibatch."""
+    def _minibatch_losses(self, batch: Experience) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """(policy loss, value_coef × value loss or None without a critic, stats) of one minibatch."""
         cfg = self.config
-        logprobs, logits = response_logprobs(self.policy, batch.sequences, batch.attention_mask,
-                                             batch.prompt_len, cfg.temperature, self.suppress)
+        logprobs, entropy = response_logprobs(self.policy, batch.sequences, batch.attention_mask,
+                                              batch.prompt_len, cfg.temperature, self.suppress, entropy=True)
         pg_loss, pg_stats = self.policy_loss(logprobs, batch)
+        stats = {"policy_loss": pg_loss.item(), "entropy": losses.masked_mean(entropy.detach(), batch.mask).item(),
+                 **{k: float(v) for k, v in pg_stats.items()}}
+        if self.value_model is None:
+            return pg_loss, None, stats
         values = value_forward(self.value_model, batch.sequences, batch.attention_mask, batch.prompt_len)
         v_loss, v_stats = losses.value_loss(values, batch.values, batch.returns, batch.mask, cfg.value_clip)
-        with torch.no_grad():
-            entropy = losses.masked_mean(losses.entropy_from_logits(logits), batch.mask)
-        stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item(),
-                 **{k: float(v) for k, v in {**pg_stats, **v_stats}.items()}}
+        stats |= {"value_loss": v_loss.item(), **{k: float(v) for k, v in v_stats.items()}}
         return pg_loss, cfg.value_coef * v_loss, stats
 
     def update(self, exp: Experience) -> dict[str, float]:
@@ -320,7 +333,8 @@ class PPOTrainer:
             for start in range(0, n, per_rank_mb):
                 pg_loss, v_loss, stats = self._minibatch_losses(exp.select(order[start : start + per_rank_mb]))
                 stats["policy_grad_norm"] = self.trained["policy"].step(pg_loss)
-                stats["value_grad_norm"] = self.trained["value"].step(v_loss)
+                if v_loss is not None:
+                    stats["value_grad_norm"] = self.trained["value"].step(v_loss)
                 epoch_stats.append(stats)
             collected += epoch_stats
             approx_kl = sum(s["approx_kl"] for s in epoch_stats) / len(epoch_stats)
@@ -340,7 +354,7 @@ class PPOTrainer:
                    desc="optimize", leave=False, disable=self.rank != 0, mininterval=1.0)
         for step in bar:
             t0 = time.perf_counter()
-            prompts = [self._rng.choice(self.prompts) for _ in range(per_rank)]
+            prompts = self.draw_prompts(per_rank)
             exp, roll_stats = self.make_experience(prompts)
             upd_stats = self.update(exp)
             self.kl_ctl.update(roll_stats["kl"], cfg.rollout_batch_size)
@@ -353,7 +367,7 @@ class PPOTrainer:
                 self.step_callback(self, stats)
             if self.telemetry is not None:
                 self.telemetry.step(tokens=tokens, reward_mean=roll_stats["reward_mean"], kl=roll_stats["kl"],
-                                    policy_loss=upd_stats["policy_loss"], value_loss=upd_stats["value_loss"])
+                                    **{k: stats[k] for k in ("policy_loss", "value_loss", *POLICY_STATS) if k in stats})
             if self.checkpointer is not None and self.rank == 0 and (
                 (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
             ):

@@ -29,7 +29,7 @@ RM_PRODUCERS = ("synthesize", "refine", "reward")
 SPEC_DIR = "_specs"
 MAX_LENGTH = "policy.sft.tiny.maxPositions"
 # how every phase renders and bounds its inputs (rlp_core.models.render_prompt, PhaseContext.max_length)
-INPUT_FORMAT = (MAX_LENGTH, "policy.chatTemplate", "policy.maxPromptTokens")
+INPUT_FORMAT = (MAX_LENGTH, "policy.chatTemplate", "policy.systemPrompt", "policy.maxPromptTokens")
 
 # Spec fields (camelCase paths) that change what a phase produces; its inputs cover the rest.
 PHASE_FIELDS: dict[str, tuple[str, ...]] = {

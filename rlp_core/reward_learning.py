@@ -64,13 +64,22 @@ def gold_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sa
     return preference_accuracy(model, tokenizer, pairs, max_length), len(pairs)
 
 
+def gold_outcomes(pairs: Sequence[PreferencePair], gold: Gold) -> dict[str, Any]:
+    """How the gold judge orders (synthetic or self-labelled) pairs: counts of right (chosen scored
+    higher), wrong and tied, and the accuracy among the decisive ones (None without any)."""
+    scores = [(gold(p.prompt, p.chosen), gold(p.prompt, p.rejected)) for p in pairs]
+    right, wrong = sum(c > r for c, r in scores), sum(c < r for c, r in scores)
+    return {"right": right, "wrong": wrong, "tied": len(scores) - right - wrong,
+            "decisive_accuracy": right / (right + wrong) if right + wrong else None}
+
+
 def gold_agreement(pairs: Sequence[PreferencePair], gold: Gold) -> float | None:
-    """Share of (synthetic or self-labelled) pairs whose chosen the gold judge scores above the rejected,
-    ties counting half; None for no pairs."""
+    """Share of pairs whose chosen the gold judge scores above the rejected, ties counting half; None for
+    no pairs."""
     if not pairs:
         return None
-    outcomes = [(c > r) + 0.5 * (c == r) for c, r in ((gold(p.prompt, p.chosen), gold(p.prompt, p.rejected)) for p in pairs)]
-    return sum(outcomes) / len(pairs)
+    outcome = gold_outcomes(pairs, gold)
+    return (outcome["right"] + 0.5 * outcome["tied"]) / len(pairs)
 
 
 def histogram(values: Sequence[float], low: float, high: float, bins: int = 10) -> dict[str, Any]:

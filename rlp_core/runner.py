@@ -128,7 +128,7 @@ def _plot_curves(run: RLPRun, provenance: Provenance, results: list[PhaseResult]
 
 def _print_summary(console: Console, report: RunReport) -> None:
     table = Table(title="phases")
-    for col in ("round", "phase", "state", "seconds", "key metrics"):
+    for col in ("round", "phase", "state", "seconds", "peak MB", "key metrics"):
         table.add_column(col)
     keys = ("final_sft_loss", "rm_accuracy_held_out", "samples", "gold_score_mean", "synthetic_pairs",
             "reward_mean_last", "gold_mean_last", "kl_last", "win_rate", "policy_score_mean", "baseline_score_mean")
@@ -136,7 +136,8 @@ def _print_summary(console: Console, report: RunReport) -> None:
         m = r.manifest.metrics if r.manifest else {}
         shown = ", ".join(f"{k}={m[k]:.3g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
         secs = _seconds(r.manifest)
-        table.add_row(str(r.round), r.phase, r.state, f"{secs:.1f}" if secs is not None else "", shown)
+        peak = "/".join(f"{m[k]:.0f}" for k in ("peak_rss_mb", "peak_cuda_mb") if k in m)  # RSS[/CUDA]
+        table.add_row(str(r.round), r.phase, r.state, f"{secs:.1f}" if secs is not None else "", peak, shown)
     console.print(table)
     ev = report.evaluation
     if ev:

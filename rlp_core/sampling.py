@@ -27,7 +27,7 @@ class Rollout:
     sequences: torch.Tensor  # (B, P+R)
     attention_mask: torch.Tensor  # (B, P+R): prompt mask, then response tokens up to and including EOS
     response_mask: torch.Tensor  # (B, R): valid response tokens
-    logprobs: torch.Tensor  # (B, R): sampling log-probs, 0 on padding
+    logprobs: torch.Tensor | None  # (B, R): sampling log-probs, 0 on padding; None when not asked for
     finished: torch.Tensor  # (B,) bool: the response ended with EOS
     prompt_len: int
 
@@ -67,7 +67,10 @@ def sample_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    logprobs: bool = True,
 ) -> Rollout:
+    """k-sample rollouts of `prompts`; `logprobs=False` skips the extra forward pass of the sampling log-probs
+    (evaluation reads only the texts)."""
     enc = encode_prompts(tokenizer, prompts)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     prompt_len = enc["input_ids"].shape[1]
@@ -85,10 +88,12 @@ def sample_responses(
         sequences = torch.cat([sequences[:, :prompt_len], responses], dim=1)
     resp_mask, finished = response_mask_from(responses, stop_ids)
     attention = torch.cat([enc["attention_mask"], resp_mask], dim=1)
-    logprobs, _ = response_logprobs(model, sequences, attention, prompt_len, temperature,
-                                   suppressed_token_ids(tokenizer, stop_ids))
+    sampled = None
+    if logprobs:
+        sampled = response_logprobs(model, sequences, attention, prompt_len, temperature,
+                                    suppressed_token_ids(tokenizer, stop_ids))[0] * resp_mask
     model.train(was_training)
-    return Rollout(sequences, attention, resp_mask, logprobs * resp_mask, finished, prompt_len)
+    return Rollout(sequences, attention, resp_mask, sampled, finished, prompt_len)
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerFast, rollout: Rollout) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AliasGenerator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, StringConstraints,
-    ValidationError, model_validator,
+    ValidationError, field_validator, model_validator,
 )
 from pydantic.alias_generators import to_camel
 from pydantic_core import core_schema
@@ -202,11 +202,24 @@ class Policy(SpecModel):
         "auto", description="auto: prompts go through the tokenizer's chat template (with the generation prompt) when "
         "it has one, for policy, reward model, critic and evaluation alike; none: plain text."
     )
+    system_prompt: str | None = Field(
+        None, max_length=4096, description="System message of every prompt rendered through the chat template (policy, "
+        "reward model, critic, evaluation; a prompt's own system message wins): unset: the template's default; "
+        "\"\": no system block at all. SmolLM2's default costs 21 tokens a prompt: reasoning-gym basic_arithmetic "
+        "prompts render to 49-60 tokens with it, 28-39 with \"\" and 38-49 with \"You are a calculator.\"."
+    )
     max_prompt_tokens: int = Field(
         256, ge=1, le=131072, description="Longest rendered prompt of a pretrained policy; with the longest maxNewTokens "
-        "it bounds every sequence (a tiny model uses sft.tiny.maxPositions)."
+        "it bounds every sequence (a tiny model uses sft.tiny.maxPositions). A longer prompt stops the phase."
     )
     sft: SFT = Field(default_factory=SFT)
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_a_template(self) -> Policy:
+        if self.system_prompt is not None and self.chat_template == "none":
+            raise ValueError("systemPrompt needs chatTemplate: auto (plain-text prompts have no system message); "
+                             "unset systemPrompt or set chatTemplate: auto")
+        return self
 
 
 class LoRA(SpecModel):
@@ -232,8 +245,8 @@ class RewardModel(SpecModel):
     )
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs kept out to measure accuracy.")
     lora: LoRA | None = Field(
-        None, description="Train LoRA adapters and the score head instead of all weights (reward, synthesize and SER "
-        "training); the saved RM is the merged model."
+        None, description="Train LoRA adapters and the score head instead of all weights (reward, refine, synthesize "
+        "and SER training); the saved RM is the merged model."
     )
     training: Training = Field(default_factory=lambda: Training(epochs=2, learning_rate=1e-3, batch_size=32))
 
@@ -265,8 +278,17 @@ class UML(SpecModel):
 class SPG(SpecModel):
     """RLP-SPG: synthetic preference pairs from self-consistent policy samples (see rlp_core.spg)."""
 
-    equivalence: Literal["exact", "normalized", "embedding"] = Field(
-        "normalized", description="How two samples are judged to give the same answer."
+    equivalence: Literal["auto", "answer", "normalized", "exact", "embedding"] = Field(
+        "auto",
+        description="How two samples are judged to give the same answer: `answer` compares the answers read "
+        "from them (by answerPattern, else by the evaluation judge's reading); `normalized` / `exact` compare "
+        "the text; `embedding` its sentence embeddings. `auto`: answer where an answer reading exists, else "
+        "normalized.",
+    )
+    answer_pattern: str | None = Field(
+        None, max_length=512,
+        description="Regular expression that reads a reply's answer for `answer` equivalence: the last match "
+        "(its first group when it has one). A reply with no match has no answer and is never chosen.",
     )
     embedding_threshold: float = Field(0.9, gt=0, le=1, description="Cosine similarity for `embedding`.")
     max_entropy: float | None = Field(
@@ -282,6 +304,16 @@ class SPG(SpecModel):
         "hundred synthetic ones).",
     )
     training: Training = Field(default_factory=lambda: Training(epochs=1, learning_rate=5e-4, batch_size=32))
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a regular expression ({err}); e.g. '(-?\\d+)\\s*$'") from None
+        return pattern
 
 
 class SER(SpecModel):
@@ -323,6 +355,31 @@ class APA(SpecModel):
     )
 
 
+class GRPO(SpecModel):
+    """GRPO (Shao et al. 2024) and its Dr. GRPO variant (Liu et al. 2025); see rlp_core.grpo."""
+
+    group_size: int = Field(4, ge=2, le=256, description="Samples per prompt; rolloutBatchSize counts samples and "
+                            "must be a multiple of it.")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="ε of the clipped ratio.")
+    scale_rewards: bool = Field(True, description="Divide a group's centred rewards by their standard deviation "
+                                "(GRPO); false: centre only (Dr. GRPO).")
+    length_normalize: bool = Field(True, description="Average each response's token losses over its length (GRPO); "
+                                   "false: sum them over maxNewTokens (Dr. GRPO, no bias towards long wrong answers).")
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss", description="Where klCoef's KL to the reference goes: a k3-estimated term of the loss (as the paper), "
+        "or subtracted from each response's reward before the group baseline (as PPO here).",
+    )
+
+
+class RLOO(SpecModel):
+    """RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline; see rlp_core.rloo."""
+
+    group_size: int = Field(4, ge=2, le=256, description="Samples per prompt; rolloutBatchSize counts samples and "
+                            "must be a multiple of it.")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="ε of the clipped ratio (only bites from the second "
+                              "ppoEpoch on: the first is plain REINFORCE).")
+
+
 class DeepSpeed(SpecModel):
     enabled: Literal["auto", "true", "false"] = Field(
         "auto", description="auto: ZeRO when CUDA is present or the phase spans several processes."
@@ -331,20 +388,52 @@ class DeepSpeed(SpecModel):
     bf16: Literal["auto", "true", "false"] = Field("auto", description="auto: bf16 on GPUs that support it.")
 
 
-class Optimization(SpecModel):
-    algorithm: Literal["ppo", "apa"] = "ppo"
-    reward: Literal["reward-model", "judge"] = Field(
-        "reward-model",
-        description="What the policy is optimised against: the (refined) reward model, or the evaluation judge "
-        "itself (a programmatic/verifiable reward; also the gold-reward ceiling in benchmarks).",
+class RewardTokenRef(SpecModel):
+    name: ObjectName = Field(..., description="Secret holding the reward endpoint's bearer token.")
+    key: Annotated[str, StringConstraints(min_length=1, max_length=253)] = Field(
+        "token", description="Key of the token in the Secret (exposed to the phase as RLP_REWARD_TOKEN).")
+
+
+class RewardFunction(SpecModel):
+    """A user's reward for `optimization.reward: function` (see rlp_core.reward_functions)."""
+
+    uri: Annotated[str, StringConstraints(max_length=2048), Matches(
+        "^(https?://[^ ]+|python://[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$",
+        "must be an http(s):// reward endpoint or python://package.module:function")] = Field(
+        ..., description="http(s)://…: POSTed batches of JSON {query, prompts, responses}, answering {rewards: [...]} "
+        "(OpenRLHF's remote reward protocol); python://pkg.mod:fn: fn(prompts, responses) -> list of floats, "
+        "importable in the job image.",
     )
+    timeout_seconds: float = Field(30.0, gt=0, le=3600, description="HTTP: per request.")
+    retries: int = Field(3, ge=0, le=20, description="HTTP: retries of a failed or timed-out request, with "
+                         "exponential backoff (0.5 s, 1 s, 2 s, …).")
+    batch_size: int = Field(64, ge=1, le=65536, description="Responses per request or call.")
+    token_secret_ref: RewardTokenRef | None = Field(
+        None, description="HTTP: a bearer token from a Secret (on the cluster); `rlp run` reads RLP_REWARD_TOKEN.")
+
+
+class Optimization(SpecModel):
+    algorithm: Literal["ppo", "apa", "grpo", "rloo"] = Field(
+        "ppo", description="ppo and apa train a critic; grpo and rloo are critic-free (a baseline from each "
+        "prompt's group of samples), so no value model is loaded.",
+    )
+    reward: Literal["reward-model", "judge", "function"] = Field(
+        "reward-model",
+        description="What the policy is optimised against: the (refined) reward model, the evaluation judge "
+        "itself (a programmatic/verifiable reward; also the gold-reward ceiling in benchmarks), or your own "
+        "rewardFunction (an HTTP endpoint or a Python function).",
+    )
+    reward_function: RewardFunction | None = Field(None, description="Needed by reward: function.")
     value_init: Literal["reward-model", "policy"] = Field(
         "reward-model", description="Backbone the critic starts from: the reward model (reads rewards already) or the policy."
     )
     ppo: PPO = Field(default_factory=PPO)
     apa: APA = Field(default_factory=APA)
+    grpo: GRPO = Field(default_factory=GRPO)
+    rloo: RLOO = Field(default_factory=RLOO)
     steps: int = Field(40, ge=1, le=1_000_000, description="Rollout/update iterations per round.")
-    rollout_batch_size: int = Field(64, ge=1, le=65536, description="Prompts per rollout.")
+    rollout_batch_size: int = Field(64, ge=1, le=65536, description="Responses per rollout (grpo / rloo: "
+                                    "groupSize samples of each of rolloutBatchSize / groupSize prompts).")
     mini_batch_size: int = Field(32, ge=1, le=65536)
     ppo_epochs: int = Field(2, ge=1, le=64)
     learning_rate: float = Field(3e-4, gt=0, le=1)
@@ -382,6 +471,25 @@ class Optimization(SpecModel):
     def _critic_lora_has_settings(self) -> Optimization:
         if self.critic_training == "lora" and self.lora is None:
             raise ValueError("criticTraining: lora needs optimization.lora (rank, alpha, targetModules)")
+        return self
+
+    @property
+    def group_size(self) -> int | None:
+        """Samples per prompt of a critic-free algorithm; None for ppo and apa."""
+        return {"grpo": self.grpo.group_size, "rloo": self.rloo.group_size}.get(self.algorithm)
+
+    @model_validator(mode="after")
+    def _function_reward_has_a_function(self) -> Optimization:
+        if self.reward == "function" and self.reward_function is None:
+            raise ValueError("reward: function needs optimization.rewardFunction.uri (https://… or python://module:fn)")
+        return self
+
+    @model_validator(mode="after")
+    def _groups_fill_the_rollout(self) -> Optimization:
+        k = self.group_size
+        if k is not None and self.rollout_batch_size % k:
+            raise ValueError(f"rolloutBatchSize ({self.rollout_batch_size}) must be a multiple of "
+                             f"{self.algorithm}.groupSize ({k}): each prompt is sampled groupSize times")
         return self
 
     @model_validator(mode="after")
@@ -595,6 +703,12 @@ def settings_problems(spec: RLPRunSpec) -> tuple[list[str], list[str]]:
                               f"spec.policy.sft.tiny.maxPositions ({room}); make maxPositions cover the longest "
                               "prompt plus maxNewTokens, or lower maxNewTokens")
     strategy = spec.reward_learning.strategy
+    spg = spec.reward_learning.spg
+    if (strategy in ("rlp-spg", "rlp") and spg.equivalence == "answer" and spg.answer_pattern is None
+            and not spec.evaluation.judge.startswith(("builtin://", "reasoning-gym://"))):
+        errors.append("spec.rewardLearning.spg.equivalence: answer needs a way to read the answer; set "
+                      "spec.rewardLearning.spg.answerPattern (a regex) or a programmatic spec.evaluation.judge, "
+                      "or choose normalized")
     if strategy in ("rlp-spg", "rlp", "ser") and spec.generation.samples_per_prompt < 2:
         warnings.append(f"spec.generation.samplesPerPrompt is 1: {strategy} builds its pairs from several samples "
                         "of the same prompt, so it adds none and the RM trains on human pairs only; set it to 2 or more")
@@ -643,6 +757,25 @@ def _plain_type(tp: Any) -> Any:
     return tp
 
 
+_EQUIVALENCE_GUIDE = """
+## Which `rewardLearning.spg.equivalence` fits which data
+
+RLP-SPG clusters a prompt's samples by what they answer; the majority cluster is chosen and a minority
+one rejected. The clusters must follow the answer, not the phrasing: a chat model writes one answer as
+"8 + 5 = 13", "8 + 5 equals 13." and "The answer is 13.".
+
+| data | equivalence | why |
+|---|---|---|
+| a task with one short answer and a programmatic judge (`builtin://`, `reasoning-gym://`) | `answer` (what `auto` picks) | the judge's own reading of the answer (reasoning-gym: `answer=exact` / `last-number` on the judge URI) clusters replies by answer; it never sees the reference |
+| your own data whose answers follow a pattern (GSM8K's `#### 42`, a boxed answer, a label) | `answer` with `answerPattern` | the last match of the regex (its first group when it has one) is the answer |
+| short free-form replies (names, labels, single phrases) | `normalized` (what `auto` picks without a reading) | case, articles, whitespace and edge punctuation ignored |
+| replies that must match character for character (code, identifiers) | `exact` | |
+| open-ended replies (chat, summaries) | `embedding` (extra `embeddings`) | cosine of sentence embeddings ≥ `embeddingThreshold`; paraphrases cluster, different claims do not |
+
+With `answer`, a reply from which no answer can be read is never chosen; it may be rejected.
+"""
+
+
 def reference_markdown() -> str:
     """docs/spec.md: every spec field with its YAML path, default and description (kept current by a test)."""
     rows: list[str] = []
@@ -663,4 +796,4 @@ def reference_markdown() -> str:
     walk(RLPRunSpec(), "spec")
     header = ("# RLPRun spec reference\n\nGenerated from `rlp_core/spec.py` (the same model the CRD is generated "
               "from). YAML uses the camelCase names below.\n\n| field | type | default | meaning |\n|---|---|---|---|\n")
-    return header + "\n".join(rows) + "\n"
+    return header + "\n".join(rows) + "\n" + _EQUIVALENCE_GUIDE

@@ -80,9 +80,29 @@ class ArithTask:
         return f"{answer}+"
 
     @staticmethod
-    def parses(response: str) -> bool:
+    def read_answer(response: str) -> str | None:
+        """The answer the gold judge reads: the leading integer (what follows it is format, not answer:
+        "13+" answers 13), or None when there is none. It never sees the prompt's truth."""
+        match = _ANSWER.match(response)
+        return str(int(match.group(1))) if match else None
+
+    @staticmethod
+    def scored_form(response: str) -> str | None:
+        """What the gold judge's score depends on besides the truth: the leading integer and whether
+        anything follows it ("13", or "13+..." for "13+" and "13 =" alike), None when no integer leads.
+        Replies with one form score alike on every prompt, so SPG's answer equivalence clusters by it:
+        the integer alone would put a clean "13" and a sloppy "13+", which the judge halves, in one
+        cluster, and the quickstart's win-rate fell from 0.53 to 0.50 when it did."""
+        match = _ANSWER.match(response)
+        if not match:
+            return None
+        answer = str(int(match.group(1)))
+        return answer if response[match.end():].strip() == "" else f"{answer}+..."
+
+    @classmethod
+    def parses(cls, response: str) -> bool:
         """Whether the gold judge can read an answer at all (a response that cannot is reward hacking)."""
-        return _ANSWER.match(response) is not None
+        return cls.read_answer(response) is not None
 
     def gold_score(self, prompt: str, response: str) -> float:
         """Gold reward: 1 for the exact sum alone, partial credit for near misses, halved when anything
@@ -145,3 +165,9 @@ def gold_judge(uri: str):
     """The gold scorer (prompt, response) -> float of a built-in task URI such as `builtin://arith`."""
     task, _, _ = parse_builtin(uri)
     return task.gold_score
+
+
+def answer_reader(uri: str):
+    """response -> what its judge scores (None when it reads no answer), for a built-in task URI."""
+    task, _, _ = parse_builtin(uri)
+    return task.scored_form

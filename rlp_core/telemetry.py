@@ -7,12 +7,56 @@ chart's dashboard and alerts: see docs/metrics.md.
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LABELS = ("run", "round", "phase")
+PROC_SELF = Path("/proc/self")
+
+
+def _torch_cuda():
+    """torch.cuda when torch is already loaded and has a GPU (telemetry never imports torch itself)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: the kernel's RSS high-water mark (where /proc/self/clear_refs may be written; else
+    the peak stays the process's lifetime one) and torch's CUDA peak."""
+    try:
+        (PROC_SELF / "clear_refs").write_text("5")
+    except OSError:
+        pass
+    if (cuda := _torch_cuda()) is not None:
+        cuda.reset_peak_memory_stats()
+
+
+def _peak_rss_kib() -> int:
+    """VmHWM (resettable), or ru_maxrss (process lifetime) where /proc is missing; both in KiB on Linux."""
+    try:
+        for line in (PROC_SELF / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak memory since `reset_peak_memory`, in MiB to 0.1: {"rss": …} and, with CUDA, "cuda" (torch's
+    allocator)."""
+    peaks = {"rss": _peak_rss_kib() / 1024}
+    if (cuda := _torch_cuda()) is not None:
+        peaks["cuda"] = cuda.max_memory_allocated() / 2**20
+    return {memory: round(mb, 1) for memory, mb in peaks.items()}
+
+
+POLICY_STATS = ("clip_fraction", "gold_mean", "zero_signal_groups")
 
 
 @dataclass
@@ -32,6 +76,11 @@ class _JobMetrics:
         self.reward_mean = Gauge("rlp_job_reward_mean", "Mean reward-model score of the latest batch.", LABELS, registry=r)
         self.kl = Gauge("rlp_job_kl", "Mean KL of the policy to the reference policy (nats per response).", LABELS, registry=r)
         self.rm_accuracy = Gauge("rlp_job_rm_accuracy", "Reward-model pairwise accuracy.", LABELS + ("split",), registry=r)
+        self.policy_stat = Gauge("rlp_job_policy_stat", "Latest optimize-step statistic: clip_fraction, gold_mean "
+                                 "(the gold judge's mean score of the rollout), zero_signal_groups (grpo / rloo).",
+                                 LABELS + ("stat",), registry=r)
+        self.peak_memory = Gauge("rlp_job_peak_memory_bytes", "Peak memory of the phase so far.", LABELS + ("memory",),
+                                 registry=r)
 
 
 @dataclass
@@ -53,7 +102,8 @@ class PhaseTelemetry:
         self._metrics.progress.labels(**self._labels).set(0.0)
 
     def step(self, *, tokens: int = 0, **values: float) -> None:
-        """Record one finished step. Known keys: reward_mean, kl, *_loss, rm_accuracy*; all go to history."""
+        """Record one finished step. Known keys: reward_mean, kl, *_loss, rm_accuracy*, POLICY_STATS; all go
+        to history."""
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
         self._done += 1
@@ -71,8 +121,11 @@ class PhaseTelemetry:
                 m.kl.labels(**lab).set(value)
             elif key.endswith("_loss"):
                 m.loss.labels(**lab, loss=key.removesuffix("_loss")).set(value)
+            elif key in POLICY_STATS:
+                m.policy_stat.labels(**lab, stat=key).set(value)
             elif key.startswith("rm_accuracy"):
                 m.rm_accuracy.labels(**lab, split=key.removeprefix("rm_accuracy").strip("_") or "held_out").set(value)
+        self._record_peak_memory()
         self.history.append({"step": float(self._done), "seconds": elapsed, "tokens": float(tokens), **values})
 
     def resume(self, done_steps: int) -> None:
@@ -85,6 +138,11 @@ class PhaseTelemetry:
 
     def finish(self) -> None:
         self._metrics.progress.labels(**self._labels).set(1.0)
+        self._record_peak_memory()
+
+    def _record_peak_memory(self) -> None:
+        for memory, mb in peak_memory_mb().items():
+            self._metrics.peak_memory.labels(**self._labels, memory=memory).set(mb * 2**20)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose this phase's registry on http://addr:port/metrics (job pods)."""

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlp_core.context import RM_DIR, PhaseContext, PhaseError
+from rlp_core.context import RM_DIR, PhaseContext, PhaseError, load_trainable_reward_model
 from rlp_core.data import PreferencePair, Sample
-from rlp_core.models import encode_pairs, last_token_hidden, load_reward_model, save_model
+from rlp_core.models import encode_pairs, last_token_hidden, save_model
 from rlp_core.reward_learning import by_prompt, gold_accuracy
 from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss
 
@@ -140,7 +140,7 @@ def run_refine(ctx: PhaseContext) -> dict[str, Any]:
     cfg = ctx.spec.reward_learning.uml
     training = cfg.training
     init_dir = ctx.reward_model_dir()
-    tokenizer, model = ctx.tokenizer(init_dir), load_reward_model(init_dir).to(ctx.device)
+    tokenizer, model = ctx.tokenizer(init_dir), load_trainable_reward_model(ctx, init_dir)
     samples = ctx.samples()
     train, held_out = ctx.human_pairs()
     gold = ctx.gold()
@@ -165,7 +165,8 @@ def run_refine(ctx: PhaseContext) -> dict[str, Any]:
     loss_fn = mib_loss_fn(model, heads, tokenizer, ctx.max_length, cfg.alpha,
                           lambda step: beta_at(step, total, cfg.beta_start, cfg.beta))
     model.train()
-    history = fit(list(model.parameters()) + list(heads.parameters()), list(zip(human_batches, view_batches)),
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    history = fit(trainable + list(heads.parameters()), list(zip(human_batches, view_batches)),
                   loss_fn, training, ctx.telemetry, "refine")
     model.eval()
     metrics.update(accuracies(""))

@@ -89,7 +89,7 @@ def test_refine_and_synthesize_beat_the_fixed_rm_on_policy_samples(bench):
 
     def accuracy(rm_dir):
         return pairwise_accuracy(rm_scores(load_reward_model(rm_dir).eval(), tokenizer, rollout).tolist(),
-                                 prompts, responses, task, 8)
+                                 prompts, responses, task.gold_score, 8)
 
     fixed = accuracy(Path(base["reward_model"]))
     refined = accuracy(output_dir(work, "rlp", 1, "synthesize") / RM_DIR)

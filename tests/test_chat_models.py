@@ -11,10 +11,10 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from rlp_core import gym_tasks
-from rlp_core.context import PhaseContext
+from rlp_core.context import PhaseContext, PhaseError, check_prompts_fit
 from rlp_core.data import DataError, Demonstration, PreferencePair, Prompt, load_records, parse_records
 from rlp_core.judges import programmatic_judge
-from rlp_core.models import encode_pairs, encode_prompts, render_prompt, reward_scores, train_tokenizer
+from rlp_core.models import encode_pairs, encode_prompts, load_tokenizer, render_prompt, reward_scores, train_tokenizer
 from rlp_core.sampling import response_mask_from
 from rlp_core.spec import RLPRun
 from rlp_core.store import Store
@@ -79,6 +79,69 @@ def test_chat_template_renders_prompts_and_pairs_alike(tokenizer):
     # without a template: plain text, a conversation as its turns' text
     assert render_prompt(tokenizer, "1+2=") == "1+2="
     assert render_prompt(tokenizer, json.dumps(USER)) == "Be brief.\n1+2="
+
+
+# a template that, like SmolLM2's, writes a default system message when the conversation has none
+DEFAULTING = "{% if messages[0]['role'] != 'system' %}<|system|>Be helpful.<eos>{% endif %}" + CHAT
+
+
+@pytest.fixture
+def chat_model_dir(tokenizer, tmp_path):
+    tokenizer.chat_template = DEFAULTING
+    try:
+        tokenizer.save_pretrained(tmp_path)
+    finally:
+        tokenizer.chat_template = None
+    return tmp_path
+
+
+def test_system_prompt_unset_is_the_templates_default(chat_model_dir):
+    tok = load_tokenizer(chat_model_dir)
+    assert render_prompt(tok, "1+2=") == "<|system|>Be helpful.<eos><|user|>1+2=<eos><|assistant|>"
+    assert render_prompt(tok, "1+2=") == tok.apply_chat_template([{"role": "user", "content": "1+2="}],
+                                                                 add_generation_prompt=True, tokenize=False)
+
+
+def test_system_prompt_replaces_the_default(chat_model_dir):
+    tok = load_tokenizer(chat_model_dir, system_prompt="Be brief.")
+    assert render_prompt(tok, "1+2=") == "<|system|>Be brief.<eos><|user|>1+2=<eos><|assistant|>"
+    # a conversation's own system message wins
+    own = [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+2="}]
+    assert render_prompt(tok, json.dumps(own)) == "<|system|>Add.<eos><|user|>1+2=<eos><|assistant|>"
+
+
+def test_empty_system_prompt_renders_no_system_block(chat_model_dir):
+    default, empty = load_tokenizer(chat_model_dir), load_tokenizer(chat_model_dir, system_prompt="")
+    assert render_prompt(empty, "1+2=") == "<|user|>1+2=<eos><|assistant|>"
+    n_default, n_empty = (encode_prompts(t, ["1+2="])["input_ids"].shape[1] for t in (default, empty))
+    assert n_empty < n_default
+    # the pair the RM reads starts with the same rendering
+    pair = encode_pairs(empty, ["1+2="], ["3"], 64)
+    assert pair["input_ids"][0, :n_empty].tolist() == encode_prompts(empty, ["1+2="])["input_ids"][0].tolist()
+
+
+def test_system_prompt_needs_the_chat_template():
+    with pytest.raises(ValueError, match="systemPrompt needs chatTemplate: auto"):
+        RLPRun.model_validate({"spec": {"policy": {"chatTemplate": "none", "systemPrompt": ""}}})
+
+
+def test_a_prompt_over_max_prompt_tokens_is_rejected_naming_it_and_the_fix():
+    check_prompts_fit([3, 5, 5], 5, "spec.prompts")
+    with pytest.raises(PhaseError) as err:
+        check_prompts_fit([3, 9, 7, 2], 5, "spec.prompts")
+    message = str(err.value)
+    for part in ("spec.prompts", "prompt 1 renders to 9 tokens", "spec.policy.maxPromptTokens (5)", "2 of 4",
+                 "at least 9", "shorten the prompts", 'policy.systemPrompt: ""'):
+        assert part in message, part
+
+
+def test_the_context_checks_rendered_prompts_of_a_pretrained_policy(chat_model_dir, tmp_path):
+    run = RLPRun.model_validate({"spec": {"policy": {"model": "file:///models/x", "maxPromptTokens": 4}}})
+    ctx = PhaseContext(run, 1, "generate", Store.from_uri(f"file://{tmp_path}/store"), tmp_path, tmp_path, None)
+    plain = load_tokenizer(chat_model_dir, "none")
+    ctx.check_fits(plain, ["1+2="], 8, "generation.maxNewTokens", "spec.prompts")  # 4 tokens: fits
+    with pytest.raises(PhaseError, match=r"spec.prompts: prompt 0 renders to \d+ tokens"):
+        ctx.check_fits(load_tokenizer(chat_model_dir), ["1+2="], 8, "generation.maxNewTokens", "spec.prompts")
 
 
 def test_reward_model_with_pad_equal_to_eos_scores_the_eos_by_position(tokenizer):

@@ -57,7 +57,7 @@ def test_schema_is_structural():
         if "exclusiveMinimum" in node:
             assert node["exclusiveMinimum"] is True and "minimum" in node, path
     spec = root["properties"]["spec"]
-    assert spec["properties"]["optimization"]["properties"]["algorithm"]["enum"] == ["ppo", "apa"]
+    assert spec["properties"]["optimization"]["properties"]["algorithm"]["enum"] == ["ppo", "apa", "grpo", "rloo"]
     assert spec["properties"]["rounds"]["minimum"] == 1
     assert spec["properties"]["storage"]["properties"]["secretRef"]["required"] == ["name"]
     assert spec["properties"]["policy"]["properties"]["model"]["nullable"] is True
@@ -144,6 +144,13 @@ INVALID = [
     ({"rewardLearning": {"strategy": "magic"}}, "spec.rewardLearning.strategy"),
     ({"generation": {"topP": 0}}, "spec.generation.topP"),
     ({"optimization": {"miniBatchSize": 64, "rolloutBatchSize": 8}}, "spec.optimization.miniBatchSize"),
+    ({"optimization": {"algorithm": "grpo", "rolloutBatchSize": 30, "miniBatchSize": 10}}, "spec.optimization.rolloutBatchSize"),
+    ({"optimization": {"algorithm": "rloo", "rolloutBatchSize": 9, "miniBatchSize": 9, "rloo": {"groupSize": 2}}},
+     "spec.optimization.rolloutBatchSize"),
+    ({"optimization": {"algorithm": "grpo", "grpo": {"groupSize": 1}}}, "spec.optimization.grpo.groupSize"),
+    ({"policy": {"chatTemplate": "none", "systemPrompt": "You are a calculator."}}, "spec.policy.systemPrompt"),
+    ({"optimization": {"reward": "function"}}, "spec.optimization.rewardFunction"),
+    ({"optimization": {"reward": "function", "rewardFunction": {"uri": "ftp://x"}}}, "spec.optimization.rewardFunction.uri"),
     ({"rewardLearning": {"ser": {"lowConfidence": 0.95, "highConfidence": 0.9}}}, "spec.rewardLearning.ser.lowConfidence"),
     ({"policy": {"sft": {"tiny": {"hiddenSize": 65, "numHeads": 4}}}}, "spec.policy.sft.tiny.hiddenSize"),
     ({"evaluation": {"greedy": True, "samplesPerPrompt": 4}}, "spec.evaluation.samplesPerPrompt"),

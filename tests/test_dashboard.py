@@ -147,7 +147,8 @@ def phase_metrics_endpoint() -> Iterator[str]:
 
     tel = PhaseTelemetry(run="demo", round=1, phase="optimize", total_steps=4)
     tel.step(tokens=512, reward_mean=0.4, kl=0.02, policy_loss=0.7, value_loss=1.2)
-    tel.step(tokens=512, reward_mean=0.5, kl=0.03, policy_loss=0.6, value_loss=1.1, rm_accuracy=0.8)
+    tel.step(tokens=512, reward_mean=0.5, kl=0.03, policy_loss=0.6, value_loss=1.1, rm_accuracy=0.8, clip_fraction=0.1,
+             zero_signal_groups=0.25)
     tel.set_accuracy("policy_gold", 0.75)
     port = free_port()
     tel.serve(port, addr="127.0.0.1")
@@ -254,7 +255,7 @@ def test_dashboard_covers_runs_phases_and_training_curves():
         "rlp_phase_duration_seconds_bucket", "rlp_phase_duration_seconds_sum", "rlp_phase_duration_seconds_count",
         "rlp_phase_transitions_total", "rlp_phase_retries_total", "rlp_reconcile_errors_total",
         "rlp_job_reward_mean", "rlp_job_kl", "rlp_job_loss", "rlp_job_rm_accuracy", "rlp_job_tokens_per_second",
-        "rlp_job_progress", "rlp_job_step_seconds_bucket", "rlp_job_steps_total",
+        "rlp_job_progress", "rlp_job_step_seconds_bucket", "rlp_job_steps_total", "rlp_job_policy_stat",
     }  # fmt: skip
     assert required <= used, f"dashboard lacks {sorted(required - used)}"
 

@@ -88,10 +88,6 @@ def test_kl_is_zero_for_identical_policies():
     assert losses.masked_mean(losses.kl_per_token(lp, lp.clone()), t([1, 1, 1])).item() == 0.0
 
 
-def test_entropy_of_uniform_logits():
-    assert losses.entropy_from_logits(torch.zeros(1, 4)).item() == approx(math.log(4))
-
-
 def test_win_rate_counts_ties_half_with_an_interval():
     res = win_rate([1, 0, 1, 1], [0, 0, 0, 1])
     assert (res.wins, res.ties, res.losses, res.n) == (2, 2, 0, 4)
@@ -105,3 +101,75 @@ def test_paired_change_of_the_mean_score_with_an_interval():
     # differences [1, 0, 1, 0]: mean 0.5, sd (n−1) 0.57735, half-width 1.959964·0.57735/2 = 0.565792
     assert (res.change, res.n) == (approx(0.5), 4)
     assert res.ci_low == approx(0.5 - 0.565792) and res.ci_high == approx(0.5 + 0.565792)
+
+
+# --- GRPO and RLOO: group baselines and their losses --------------------------------------------------
+def test_group_advantages_grpo_and_dr_grpo():
+    from rlp_core.losses import group_advantages
+
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    # group 1: mean 0.5, unbiased std sqrt(4·0.25/3) = 0.57735; group 2 all equal: no signal, no NaN
+    expected = 0.5 / (3**-0.5 + 1e-4)
+    assert torch.allclose(group_advantages(scores, 4), torch.tensor([expected, -expected, -expected, expected, 0, 0, 0, 0]))
+    assert torch.allclose(group_advantages(scores, 4, scale=False), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_leave_one_out_advantages_and_zero_signal_share():
+    from rlp_core.losses import leave_one_out_advantages, zero_signal_share
+
+    # r=1 against the others' mean 1/3; r=0 against 2/3; a pair (3, 1): ±2
+    assert torch.allclose(leave_one_out_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4),
+                          torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    assert torch.allclose(leave_one_out_advantages(torch.tensor([3.0, 1.0, 5.0, 5.0]), 2), torch.tensor([2.0, -2.0, 0, 0]))
+    assert zero_signal_share(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4) == 0.5
+
+
+def test_k3_kl_estimator():
+    from rlp_core.losses import k3_kl
+
+    logp, ref = torch.log(torch.tensor([0.5, 0.3])), torch.log(torch.tensor([0.25, 0.3]))
+    # δ = log(0.25/0.5): e^δ − δ − 1 = 0.5 + ln 2 − 1; equal probabilities: 0
+    assert torch.allclose(k3_kl(logp, ref), torch.tensor([0.5 + math.log(2) - 1, 0.0]))
+
+
+def test_grpo_loss_length_normalised_dr_grpo_and_kl_term():
+    from rlp_core.losses import grpo_policy_loss
+
+    logp = torch.log(torch.full((2, 3), 0.5))
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = torch.tensor([1.0, -0.5])
+    # ratio 1: per token −A. GRPO: each response's token mean (−1, +0.5), then their mean
+    loss, stats = grpo_policy_loss(logp, logp, logp, adv, mask, 0.2, kl_coef=0.0)
+    assert torch.isclose(loss, torch.tensor(-0.25)) and stats["clip_fraction"] == 0
+    # Dr. GRPO: token sums over maxNewTokens = 3: (−3/3 + 0.5/3) / 2
+    loss, _ = grpo_policy_loss(logp, logp, logp, adv, mask, 0.2, kl_coef=0.0, length_normalize=False, max_tokens=3)
+    assert torch.isclose(loss, torch.tensor((-1 + 0.5 / 3) / 2))
+    # β·k3 per token with π_ref = 2π: k3 = 2 − ln 2 − 1 on every token, β = 0.1
+    loss, stats = grpo_policy_loss(logp, logp, logp + math.log(2), adv, mask, 0.2, kl_coef=0.1)
+    assert torch.isclose(loss, torch.tensor(-0.25 + 0.1 * (1 - math.log(2))))
+    assert torch.isclose(stats["k3_kl"], torch.tensor(1 - math.log(2)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        grpo_policy_loss(logp, logp, logp, adv, mask, 0.2, kl_coef=0.0, length_normalize=False)
+
+
+def test_grpo_and_rloo_losses_clip_the_ratio():
+    from rlp_core.losses import grpo_policy_loss, rloo_policy_loss
+
+    old = torch.log(torch.full((1, 2), 0.25))
+    new = old + math.log(2)  # ratio 2 on both tokens; A > 0: clipped at 1 + ε = 1.2
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    loss, stats = grpo_policy_loss(new, old, new, adv, mask, 0.2, kl_coef=0.0)
+    assert torch.isclose(loss, torch.tensor(-1.2)) and stats["clip_fraction"] == 1
+    loss, _ = rloo_policy_loss(new, old, adv, mask, 0.2)  # REINFORCE of the whole response: a sum over tokens
+    assert torch.isclose(loss, torch.tensor(-2.4))
+
+
+def test_rloo_loss_is_reinforce_of_the_whole_response():
+    from rlp_core.losses import rloo_policy_loss
+
+    logp = torch.log(torch.full((2, 3), 0.5)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, _ = rloo_policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5]), mask, 0.2)
+    assert torch.isclose(loss, torch.tensor((-3 + 0.5) / 2))
+    loss.backward()  # ∂/∂log π(y_t) = −A / B on valid tokens: the REINFORCE gradient, padding untouched
+    assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5, -0.5], [0.25, 0, 0]]))

@@ -245,6 +245,15 @@ def test_hf_token_and_endpoint_reach_the_pod_from_spec_hub(tmp_path):
     assert not {"HF_TOKEN", "HF_ENDPOINT"} & {e["name"] for e in plain["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
+def test_reward_endpoint_token_reaches_the_pod_only_by_reference(tmp_path):
+    reward = {"uri": "https://rewards.team.svc/score", "tokenSecretRef": {"name": "reward-token"}}
+    run = _run(tmp_path, optimization={"reward": "function", "rewardFunction": reward})
+    job, _ = wl.render_job(run, 1, "optimize", 1, OWNER)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RLP_REWARD_TOKEN"] == {"name": "RLP_REWARD_TOKEN",
+                                       "valueFrom": {"secretKeyRef": {"name": "reward-token", "key": "token"}}}
+
+
 def test_configmap_holds_the_spec_without_secret_values(tmp_path):
     run = _run(tmp_path, storage={"uri": "s3://bkt/p", "secretRef": {"name": "creds"}})
     cm = wl.render_configmap(run, OWNER)

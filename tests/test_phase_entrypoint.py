@@ -196,12 +196,14 @@ def test_phase_on_a_file_store_serves_metrics_while_it_runs_and_reruns_as_a_no_o
     assert labelled(mid, "rlp_job_step_seconds_count", **labels)[0] >= 1
     assert labelled(mid, "rlp_job_tokens_per_second", **labels)[0] > 0
     assert labelled(mid, "rlp_job_loss", **labels, loss="sft")[0] > 0
+    assert labelled(mid, "rlp_job_peak_memory_bytes", **labels, memory="rss")[0] > 50 * 2**20  # torch alone is more
     progress = [labelled(s, "rlp_job_progress", **labels)[0] for s in during]
     assert progress == sorted(progress)
 
     out = store / "team-a" / RUN / "round-0" / "sft"
     manifest = json.loads((out / "_MANIFEST.json").read_text())
     assert manifest["phase"] == "sft" and manifest["metrics"]["steps"] >= 2
+    assert manifest["metrics"]["peak_rss_mb"] > 50
     assert any(f["path"].endswith(".safetensors") for f in manifest["files"])
     before = files_under(store)
 

@@ -6,14 +6,20 @@ different texts), policy and critic gradients clipped together (the critic's nor
 dropout on in the critic (train-mode values differ from the rollout's eval-mode ones).
 """
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForTokenClassification
 
-from rlp_core.models import build_tiny_policy, response_logprobs, suppressed_token_ids, train_tokenizer
+from rlp_core import models
+from rlp_core.models import (
+    build_tiny_policy, entropy_from_logprobs, position_ids, response_logprobs, suppressed_token_ids, train_tokenizer,
+    with_lora,
+)
 from rlp_core.ppo import PPOTrainer, value_forward
 from rlp_core.sampling import generation_config, sample_responses
-from rlp_core.spec import Optimization, TinyModel
+from rlp_core.spec import LoRA, Optimization, TinyModel
 from rlp_core.tasks import TASKS
 
 TASK = TASKS["arith"]
@@ -48,6 +54,63 @@ def test_sampling_logprobs_are_those_of_the_distribution_generate_samples_from(p
     alive[:, 1:] = (generated[:, :-1] != tokenizer.eos_token_id).cumprod(1).bool()
     assert len(tokenizer) > 50  # the default top-k would cut this vocabulary
     torch.testing.assert_close(recomputed[alive], processed[alive], atol=1e-4, rtol=0)
+
+
+def full_vocabulary_reference(model, sequences, attention, prompt_len, temperature, suppress):
+    """The computation before chunking: logits at every position, one [B, R, V] log-softmax."""
+    logits = model(input_ids=sequences, attention_mask=attention, position_ids=position_ids(attention)).logits
+    logits = logits[:, prompt_len - 1 : -1].float().clone()
+    logits[..., suppress] = float("-inf")
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    chosen = logp.gather(-1, sequences[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
+    entropy = -torch.where(logp.isinf(), 0.0, logp.exp() * logp).sum(-1)
+    return chosen.masked_fill(chosen.isinf(), 0.0), entropy
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_chunked_response_logprobs_equal_the_full_vocabulary_computation(policy, tokenizer, monkeypatch, lora):
+    """logits_to_keep, row chunks (forced to several here) and checkpointing change no log-prob, entropy or
+    gradient, through peft's wrapper too; entropy has no nan from the suppressed tokens' −inf."""
+    model = with_lora(policy, LoRA(rank=4), "CAUSAL_LM") if lora else policy
+    torch.manual_seed(0)
+    rollout = sample_responses(model, tokenizer, PROMPTS[:6], max_new_tokens=5, temperature=0.7)
+    args = (rollout.sequences, rollout.attention_mask, rollout.prompt_len, 0.7, suppressed_token_ids(tokenizer))
+    weights = torch.randn(rollout.response_mask.shape)
+
+    def grads(lp: torch.Tensor) -> list[torch.Tensor]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.autograd.grad((lp * weights).sum(), params)
+
+    want_lp, want_ent = full_vocabulary_reference(model, *args)
+    want_grads = grads(want_lp)
+    monkeypatch.setattr(models, "CHUNK_BYTES", 1)  # one batch row per chunk
+    got_lp, got_ent = response_logprobs(model, *args, entropy=True)
+    assert not got_ent.isnan().any()
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_ent, want_ent.detach(), atol=1e-5, rtol=0)
+    for got, want in zip(grads(got_lp), want_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        no_grad_lp, no_entropy = response_logprobs(model, *args)
+    assert no_entropy is None
+    torch.testing.assert_close(no_grad_lp, want_lp.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.logprobs, (want_lp * rollout.response_mask).detach(), atol=1e-5, rtol=0)
+
+
+def test_entropy_of_uniform_and_of_partly_suppressed_logprobs():
+    uniform = torch.log_softmax(torch.zeros(1, 4), -1)
+    assert entropy_from_logprobs(uniform).item() == pytest.approx(math.log(4))
+    suppressed = torch.log_softmax(torch.tensor([[0.0, 0.0, float("-inf")]]), -1)
+    assert entropy_from_logprobs(suppressed).item() == pytest.approx(math.log(2))
+
+
+def test_sampling_without_logprobs_gives_the_same_rollout(policy, tokenizer):
+    rolls = []
+    for logprobs in (True, False):
+        torch.manual_seed(0)
+        rolls.append(sample_responses(policy, tokenizer, PROMPTS[:8], max_new_tokens=4, logprobs=logprobs))
+    assert rolls[1].logprobs is None and rolls[0].logprobs is not None
+    assert torch.equal(rolls[0].sequences, rolls[1].sequences)
 
 
 def test_no_special_token_but_eos_is_sampled_inside_a_response(policy, tokenizer):

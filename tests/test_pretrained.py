@@ -13,7 +13,7 @@ from rlp_core.data import Prompt, load_records
 from rlp_core.judges import programmatic_judge
 from rlp_core.models import (
     encode_pairs, freeze_backbone, load_policy, load_reward_model, load_tokenizer, load_value_model, position_ids,
-    reward_scores, save_model, stop_token_ids, token_logprobs, with_lora,
+    render_prompt, reward_scores, save_model, stop_token_ids, token_logprobs, with_lora,
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.pretrained import fetch_model
@@ -32,6 +32,22 @@ def smollm2():
     torch.set_num_threads(1)  # on a shared CPU, intra-op threads spin at barriers while the other core is busy
     yield fetch_model("smollm2")
     torch.set_num_threads(threads)
+
+
+def test_system_prompt_of_smollm2(smollm2):
+    """SmolLM2's template writes its default system message into every prompt: systemPrompt replaces it, "" drops it."""
+    prompts = [r["prompt"] for r in gym_tasks.records(f"reasoning-gym://{TASK.replace('?', '/prompts?n=5&', 1)}")]
+
+    def rendered(system_prompt):
+        tok = load_tokenizer(smollm2, system_prompt=system_prompt)
+        texts = [render_prompt(tok, p) for p in prompts]
+        return texts, [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    (default, n_default), (empty, n_empty), (own, n_own) = map(rendered, (None, "", "You are a calculator."))
+    assert all("You are a helpful AI assistant named SmolLM" in t for t in default)
+    assert all(t.startswith("<|im_start|>user\n") and "system" not in t for t in empty)
+    assert all(t.startswith("<|im_start|>system\nYou are a calculator.<|im_end|>\n") for t in own)
+    assert [a - b for a, b in zip(n_default, n_empty)] == [21] * 5 and [a - b for a, b in zip(n_own, n_empty)] == [10] * 5
 
 
 def test_converted_model_loads_with_plain_transformers(smollm2):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlp_core.pipeline import PhaseContext, POLICY_DIR, RM_DIR, execute_phase
+from rlp_core.pipeline import PhaseContext, PhaseError, POLICY_DIR, RM_DIR, execute_phase
 from rlp_core.runner import run_local
 from rlp_core.spec import parse_run
 from rlp_core.store import Store
@@ -118,6 +118,44 @@ def test_uml_alone_feeds_the_refined_rm_to_optimize(tmp_path, base):
     ctx = PhaseContext(run, 1, "optimize", Store.from_uri(f"file://{tmp_path}/store"), tmp_path / "cache",
                        tmp_path / "unused", PhaseTelemetry("t", 1, "optimize"))
     assert ctx.reward_model_dir() == ctx.fetch(1, "refine") / RM_DIR
+
+
+def test_refine_with_reward_model_lora_trains_only_the_adapters_and_the_head(tmp_path, base, monkeypatch):
+    import rlp_core.uml as uml
+
+    seen: dict = {}
+    load, fit = uml.load_trainable_reward_model, uml.fit
+
+    def recording_load(ctx, init_dir):
+        seen["model"] = load(ctx, init_dir)
+        return seen["model"]
+
+    def recording_fit(parameters, *args, **kwargs):  # names read now: saving merges the adapters away
+        ids = {id(p) for p in parameters}
+        seen["trained"] = {name for name, p in seen["model"].named_parameters() if id(p) in ids}
+        return fit(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(uml, "load_trainable_reward_model", recording_load)
+    monkeypatch.setattr(uml, "fit", recording_fit)
+    lora = {"rank": 2, "alpha": 4.0, "targetModules": ["q_proj", "v_proj"]}
+    models = {**base, "rewardModel": {**base["rewardModel"], "lora": lora}}
+    run = parse_run({"metadata": {"name": "uml-lora"}, "spec": _spec(**models, rewardLearning={"strategy": "rlp-uml"})})
+    root = Store.from_uri(f"file://{tmp_path}/store")
+    for phase in ("generate", "refine"):
+        assert execute_phase(run, root, 1, phase, cache_dir=tmp_path / "cache").state == "Succeeded"
+    trained = seen["trained"]
+    assert all(".lora_" in name or ".score.modules_to_save." in name for name in trained), trained
+    assert {name.split(".")[-4] for name in trained if ".lora_" in name} == {"q_proj", "v_proj"}
+    assert any(".score." in name for name in trained)
+
+
+def test_generate_rejects_a_prompt_over_max_prompt_tokens(tmp_path, base):
+    policy = {**base["policy"], "maxPromptTokens": 1}  # the tiny tokenizer reads an arith prompt in a few tokens
+    run = parse_run({"metadata": {"name": "long"}, "spec": _spec(**{**base, "policy": policy})})
+    root = Store.from_uri(f"file://{tmp_path}/store")
+    with pytest.raises(PhaseError, match=r"spec.prompts: prompt \d+ renders to \d+ tokens, more than "
+                                         r"spec.policy.maxPromptTokens \(1\)"):
+        execute_phase(run, root, 1, "generate", cache_dir=tmp_path / "cache")
 
 
 def test_evaluation_with_several_samples_per_prompt_scores_each_prompt_by_their_mean(tmp_path, base):

@@ -45,10 +45,10 @@ def test_malformed_data_fails_naming_the_line_before_training(tmp_path):
     assert not list((tmp_path / "store").rglob("_MANIFEST.json")) if (tmp_path / "store").exists() else True
 
 
-@pytest.mark.slow
-def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp_path):
+def run_killed_during_optimize(tmp_path: Path, spec: Path) -> tuple[tuple[str, ...], dict[str, dict], dict[str, dict]]:
+    """`rlp run` killed once optimize has checkpointed, then rerun: (args, manifests before, manifests after)."""
     store = tmp_path / "store"
-    args = ("run", str(QUICKSTART), "--store", f"file://{store}", "--cache-dir", str(tmp_path / "cache"))
+    args = ("run", str(spec), "--store", f"file://{store}", "--cache-dir", str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "rlp_cli", *args], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = store / "default" / "quickstart" / "round-1" / "optimize" / "_checkpoints" / "LATEST.json"
@@ -69,6 +69,13 @@ def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp
     for key, manifest in before.items():  # completed phases were not redone
         assert after[key]["created_at"] == manifest["created_at"], key
     assert after["round-1/optimize"]["metrics"]["resumed_from_step"] >= 5
+    return args, before, after
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp_path):
+    args, _, after = run_killed_during_optimize(tmp_path, QUICKSTART)
+    store = tmp_path / "store"
     assert after["round-1/refine"]["metrics"]["skipped"] is True
     evaluation = after["round-1/evaluate"]["metrics"]
     assert 0 <= evaluation["ci_low"] <= evaluation["win_rate"] <= evaluation["ci_high"] <= 1
@@ -86,6 +93,22 @@ def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp
     states = {p["phase"]: p["state"] for p in json.loads(
         (tmp_path / "cache" / "reports" / "default" / "quickstart" / "report.json").read_text())["phases"]}
     assert set(states.values()) == {"Cached"}
+
+
+@pytest.mark.slow
+def test_quickstart_with_grpo_trains_without_a_critic_and_resumes_after_a_kill(tmp_path):
+    """The quickstart with only `algorithm: grpo` changed runs critic-free and resumes after a kill.
+
+    What GRPO learns is asserted where the reward is exact, in tests/test_policy_optimization.py. Here no
+    outcome is: at the quickstart's PPO-tuned settings GRPO's gold score does not reliably rise (CI on another
+    CPU saw the rollouts' gold 0.632 at the first step and 0.618 over the last five) and its held-out
+    win-rate ends below its start (README, "Critic-free optimisation")."""
+    spec = tmp_path / "grpo.yaml"
+    spec.write_text(QUICKSTART.read_text().replace("algorithm: ppo", "algorithm: grpo"))
+    _, _, after = run_killed_during_optimize(tmp_path, spec)
+    optimize = after["round-1/optimize"]["metrics"]
+    assert optimize["algorithm"] == "grpo" and optimize["value_init"] is None  # no critic was loaded
+    assert 0 <= optimize["zero_signal_groups_mean"] < 1
 
 
 def test_data_files_on_s3_are_validated_before_training(s3_server, s3_bucket, monkeypatch):

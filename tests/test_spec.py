@@ -30,7 +30,13 @@ def test_given_models_skip_sft_and_reward_and_rounds_repeat():
 
 @pytest.mark.parametrize("spec, expected", [
     ({"optimization": {"algoritm": "ppo"}}, "spec.optimization.algoritm: unknown field"),
-    ({"optimization": {"algorithm": "dpo"}}, "spec.optimization.algorithm: Input should be 'ppo' or 'apa'"),
+    ({"optimization": {"algorithm": "dpo"}}, "spec.optimization.algorithm: Input should be 'ppo', 'apa', 'grpo' or 'rloo'"),
+    ({"optimization": {"algorithm": "grpo", "rolloutBatchSize": 30, "miniBatchSize": 10}},
+     "rolloutBatchSize (30) must be a multiple of grpo.groupSize (4)"),
+    ({"optimization": {"algorithm": "rloo", "rloo": {"groupSize": 1}}}, "spec.optimization.rloo.groupSize"),
+    ({"optimization": {"reward": "function"}}, "reward: function needs optimization.rewardFunction.uri"),
+    ({"optimization": {"reward": "function", "rewardFunction": {"uri": "python://no colon"}}},
+     "spec.optimization.rewardFunction.uri: Value error, must be an http(s):// reward endpoint"),
     ({"optimization": {"miniBatchSize": 64, "rolloutBatchSize": 32}}, "miniBatchSize (64) must not exceed rolloutBatchSize (32)"),
     ({"policy": {"sft": {"tiny": {"hiddenSize": 30, "numHeads": 4}}}}, "hiddenSize (30) must be a multiple of numHeads (4)"),
     ({"rewardLearning": {"strategy": "magic"}}, "spec.rewardLearning.strategy"),

@@ -97,3 +97,126 @@ def test_embedding_equivalence_groups_paraphrases():
     responses = ["Paris is the capital of France.", "The capital of France is Paris.", "I like turtles."]
     same = embedding_equivalence(0.8)("What is the capital of France?", responses)
     assert greedy_clusters(3, same) == [[0, 1], [2]]
+
+
+# answer equivalence: three phrasings of 13, one of 12, and replies with no number
+WORDED = _samples("q1", "Calculate 8 + 5. Reply with the number only.", [
+    ("8 + 5 = 13", -2.0), ("8 + 5 equals 13.", -3.0), ("The answer is 13.", -2.5), ("12", -1.0),
+    ("Let's think about the numbers", -0.5), ("To solve this, we need to", -0.7), ("Sure!", -0.9),
+    ("Here is a way", -0.8),
+])
+
+
+def test_answer_equivalence_clusters_phrasings_of_one_answer():
+    from rlp_core.judges import answer_reader
+    from rlp_core.spg import pattern_reader
+
+    for read in (answer_reader("reasoning-gym://basic_arithmetic?answer=last-number"), pattern_reader(r"(-?\d+)")):
+        group = cluster_prompts(WORDED, key_equivalence(read), read)[0]
+        assert group.sizes == [3, 1]
+        assert group.clusters[0][0].response == "8 + 5 = 13"  # the most probable rendering represents it
+        assert [s.response for s in group.answerless][:1] == ["Let's think about the numbers"]
+        assert group.entropy == pytest.approx(semantic_entropy([3, 1, 4]))  # answerless count as one outcome
+        pairs = [(p.chosen, p.rejected) for p in synthetic_pairs(group, 2)]
+        assert pairs == [("8 + 5 = 13", "12"), ("8 + 5 = 13", "Let's think about the numbers")]
+    # the text equivalences see four different replies among the answered ones
+    assert cluster_prompts(WORDED, key_equivalence(normalize_answer))[0].sizes[0] == 1
+
+
+def test_reply_without_answer_is_never_chosen():
+    from rlp_core.spg import pattern_reader
+
+    read = pattern_reader(r"(-?\d+)")
+    # the answerless replies are the majority (5 of 7), yet "13" is chosen against them
+    mostly_silent = _samples("q2", "x", [("13", -1.0), ("13", -1.0)] + [("hmm", -0.1)] * 5)
+    group = cluster_prompts(mostly_silent, key_equivalence(read), read)[0]
+    assert group.eligible and [(p.chosen, p.rejected) for p in synthetic_pairs(group, 3)] == [("13", "hmm")]
+    silent = cluster_prompts(_samples("q3", "x", [("hmm", -0.1)] * 4), key_equivalence(read), read)[0]
+    assert silent.clusters == [] and not silent.eligible  # nothing to choose
+    one_answer = cluster_prompts(_samples("q4", "x", [("5", -0.1)] * 4), key_equivalence(read), read)[0]
+    assert not one_answer.eligible  # unanimous: nothing to reject
+
+
+def test_answer_readings_never_see_the_reference():
+    from rlp_core import gym_tasks, tasks
+    from rlp_core.judges import answer_reader
+
+    # builtin://arith: the leading integer and whether anything follows it, whatever the truth
+    read = answer_reader("builtin://arith")
+    assert (read("13+"), read("13 ="), read(" 07"), read("12"), read("no")) == ("13+...", "13+...", "7", "12", None)
+    task = tasks.ArithTask()
+    assert task.gold_score("5+7=", "13+") < 1  # ...while the judge, which sees the truth, scores it wrong
+    # one reading, one score on every prompt; the judge halves the sloppy form, so it is its own answer
+    assert task.gold_score("5+7=", "12+") == task.gold_score("5+7=", "12 =") == task.gold_score("5+7=", "12") / 2
+    # reasoning-gym: readable before any record (so any entry, so any reference) is loaded in this process
+    gym_tasks._ENTRIES.clear()
+    last = answer_reader("reasoning-gym://basic_arithmetic?answer=last-number")
+    assert (last("2 + 4 = 6"), last("13.0"), last("-1.5 or 2.50"), last("none")) == ("6", "13", "2.5", None)
+    exact = answer_reader("reasoning-gym://basic_arithmetic")
+    assert (exact(" 6 "), exact("  ")) == ("6", None)
+    assert answer_reader("reward-model") is None
+
+
+def test_clustering_resolution_and_its_errors():
+    from rlp_core.spec import SPG, RLPRunSpec, settings_problems
+    from rlp_core.spg import clustering_for
+
+    assert clustering_for(SPG(), "builtin://arith").name == "answer"
+    assert clustering_for(SPG(), "reward-model").name == "normalized"
+    assert clustering_for(SPG(answer_pattern=r"#### (\d+)"), "reward-model").read_answer("so #### 42") == "42"
+    assert clustering_for(SPG(equivalence="exact"), "builtin://arith").read_answer is None
+    with pytest.raises(ValueError, match="answerPattern"):
+        clustering_for(SPG(equivalence="answer"), "reward-model")
+    spec = RLPRunSpec.model_validate({"rewardLearning": {"strategy": "rlp-spg", "spg": {"equivalence": "answer"}},
+                                      "evaluation": {"judge": "reward-model"}})
+    errors, _ = settings_problems(spec)
+    assert any("spec.rewardLearning.spg.answerPattern" in e for e in errors)
+
+
+def test_gold_outcomes_hand_counted():
+    from rlp_core.data import PreferencePair
+    from rlp_core.reward_learning import gold_agreement, gold_outcomes
+
+    gold = lambda prompt, response: float(response == "13")  # noqa: E731
+    pairs = [PreferencePair(prompt="p", chosen=c, rejected=r) for c, r in
+             [("13", "12"), ("13", "x"), ("12", "13"), ("12", "11")]]
+    assert gold_outcomes(pairs, gold) == {"right": 2, "wrong": 1, "tied": 1, "decisive_accuracy": 2 / 3}
+    assert gold_agreement(pairs, gold) == pytest.approx(2.5 / 4)
+    assert gold_outcomes([], gold)["decisive_accuracy"] is None
+
+
+@pytest.mark.pretrained
+def test_answer_equivalence_pairs_on_smollm2_samples_agree_with_the_gold_judge():
+    """SmolLM2-135M-Instruct's own samples (chat template, T 0.7, 12 tokens, 8 per prompt), clustered by the
+    answer its judge reads: among the synthetic pairs the gold judge orders, above 80% put the right answer
+    first (pairs of two wrong answers are tied, and not counted)."""
+    import torch
+
+    from rlp_core.data import Prompt, load_records
+    from rlp_core.judges import answer_reader, programmatic_judge
+    from rlp_core.models import load_policy, load_tokenizer
+    from rlp_core.pretrained import fetch_model
+    from rlp_core.reward_learning import gold_outcomes
+    from rlp_core.sampling import decode_responses, sample_responses
+
+    task = ("min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-&allow_parentheses=false"
+            "&allow_negation=false")
+    judge_uri = f"reasoning-gym://basic_arithmetic?answer=last-number&{task}"
+    prompts = [p.prompt for p in load_records(f"reasoning-gym://basic_arithmetic/prompts?n=48&{task}", Prompt)]
+    path = fetch_model("smollm2")
+    tokenizer, policy = load_tokenizer(path), load_policy(path).eval()
+    torch.manual_seed(0)
+    k, samples = 8, []
+    for i in range(0, len(prompts), 8):
+        asked = [p for p in prompts[i : i + 8] for _ in range(k)]
+        roll = sample_responses(policy, tokenizer, asked, max_new_tokens=12, temperature=0.7)
+        logprobs = roll.logprobs.sum(1).tolist()
+        for j, (prompt, response) in enumerate(zip(asked, decode_responses(tokenizer, roll))):
+            samples.append(Sample(prompt_id=str(i + j // k), prompt=prompt, response=response, sample_index=j % k,
+                                  logprob=logprobs[j], num_tokens=12, finished=True))
+    read = answer_reader(judge_uri)
+    groups = cluster_prompts(samples, key_equivalence(read), read)
+    pairs = [p for g in select_confident(groups, None, 0.5) for p in synthetic_pairs(g, 1)]
+    outcome = gold_outcomes(pairs, programmatic_judge(judge_uri))
+    assert outcome["right"] + outcome["wrong"] >= 8, outcome
+    assert outcome["decisive_accuracy"] > 0.8, outcome

@@ -49,6 +49,18 @@ def _cmd_phase(args: argparse.Namespace) -> int:
                      metrics_port=args.metrics_port, rerun_changed=args.rerun_changed, redo=args.redo)
 
 
+def _cmd_preferences(args: argparse.Namespace) -> int:
+    from rlp_core.policy_preferences import Labelling, write_policy_preferences
+
+    run = load_run(args.spec)
+    labelling = Labelling(samples_per_prompt=args.samples, flip=args.flip, seed=args.seed,
+                          temperature=run.spec.generation.temperature, max_new_tokens=run.spec.generation.max_new_tokens)
+    written = write_policy_preferences(run.spec, args.prompts, Path(args.out), labelling, args.pairs,
+                                       Path(args.cache_dir))
+    print(f"{written} pairs -> {args.out}")
+    return 0
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     from rlp_operator.crd import render_crd
 
@@ -97,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     phase.add_argument("--rerun-changed", action="store_true", help="as for rlp run")
     phase.add_argument("--redo", action="store_true", help="delete this phase's output and run it again")
     phase.set_defaults(func=_cmd_phase)
+
+    prefs = sub.add_parser("preferences", help="label pairs of the starting policy's own samples with the run's judge "
+                           "(simulated annotators), for spec.rewardModel.humanPreferences")
+    prefs.add_argument("spec", help="RLPRun YAML: its policy, chat template, generation settings and evaluation.judge")
+    prefs.add_argument("--prompts", required=True, help="data URI of the prompts to sample (keep them apart from "
+                       "evaluation.prompts)")
+    prefs.add_argument("--out", required=True, help="JSONL file to write")
+    prefs.add_argument("--pairs", type=int, help="stop after this many pairs (default: one per decisive prompt)")
+    prefs.add_argument("--samples", type=int, default=4, help="samples per prompt the pair is drawn from")
+    prefs.add_argument("--flip", type=float, default=0.2, help="share of labels flipped (annotator noise)")
+    prefs.add_argument("--seed", type=int, default=0)
+    prefs.add_argument("--cache-dir", default=cache)
+    prefs.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    prefs.set_defaults(func=_cmd_preferences)
 
     crd = sub.add_parser("crd", help="print the RLPRun CustomResourceDefinition generated from the spec model")
     crd.set_defaults(func=_cmd_crd)

@@ -67,6 +67,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".hiddenSize",
         }
     ],
+    "Policy": [
+        {
+            "rule": "!has(self.systemPrompt) || !has(self.chatTemplate) || self.chatTemplate != 'none'",
+            "message": "systemPrompt needs chatTemplate: auto (plain-text prompts have no system message)",
+            "fieldPath": ".systemPrompt",
+        }
+    ],
     "SER": [
         {
             "rule": "!has(self.lowConfidence) || !has(self.highConfidence) || self.lowConfidence <= self.highConfidence",
@@ -76,10 +83,27 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "Optimization": [
         {
+            "rule": "!has(self.reward) || self.reward != 'function' || has(self.rewardFunction)",
+            "message": "reward: function needs optimization.rewardFunction.uri (https://… or python://module:fn)",
+            "fieldPath": ".rewardFunction",
+        },
+        {
             "rule": "!has(self.miniBatchSize) || !has(self.rolloutBatchSize) || self.miniBatchSize <= self.rolloutBatchSize",
             "message": "miniBatchSize must not exceed rolloutBatchSize",
             "fieldPath": ".miniBatchSize",
-        }
+        },
+        {
+            "rule": "!has(self.algorithm) || !has(self.rolloutBatchSize) || !has(self.grpo) || !has(self.grpo.groupSize)"
+                    " || self.algorithm != 'grpo' || self.rolloutBatchSize % self.grpo.groupSize == 0",
+            "message": "rolloutBatchSize must be a multiple of grpo.groupSize: each prompt is sampled groupSize times",
+            "fieldPath": ".rolloutBatchSize",
+        },
+        {
+            "rule": "!has(self.algorithm) || !has(self.rolloutBatchSize) || !has(self.rloo) || !has(self.rloo.groupSize)"
+                    " || self.algorithm != 'rloo' || self.rolloutBatchSize % self.rloo.groupSize == 0",
+            "message": "rolloutBatchSize must be a multiple of rloo.groupSize: each prompt is sampled groupSize times",
+            "fieldPath": ".rolloutBatchSize",
+        },
     ],
     "Evaluation": [
         {

@@ -262,6 +262,9 @@ def render_job(
     if hub.secret_ref:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hub.secret_ref.name,
                                                                         "key": hub.secret_ref.key}}})
+    token = spec.optimization.reward_function and spec.optimization.reward_function.token_secret_ref
+    if token:  # the user reward endpoint's bearer token (rlp_core.reward_functions)
+        env.append({"name": "RLP_REWARD_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     service = None
     if nodes > 1:
         svc = service_name(job)
