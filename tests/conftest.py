@@ -9,14 +9,20 @@
 - ``s3_bucket``: str, a fresh bucket per test, deleted after
 - ``container_images`` (session): infra.images.ContainerImages — the operator and job images, built by
   scripts/build-images.sh (cached by the hash of their inputs) and run with podman
-- ``tiny_sft_dir`` (session): Path of a tiny SFT policy on builtin://arith (competent but imperfect, mean
-  gold score ~0.6-0.8), trained once for every test that optimises one
+- ``tiny_sft_dir`` (session): Path of a tiny SFT policy on builtin://arith (tests/recipes.py; competent but
+  imperfect), trained once for every test that optimises one
 """
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# torch in every test and in every process a test starts runs 2 intra-op threads, whatever the machine's core
+# count and whichever test ran first: a training outcome depends on the thread count (reductions are split
+# differently), and the tests' bounds were measured at 1 and 2 threads (docs/bench/outcome-spread.md).
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 # tests/ on sys.path, whatever pytest's import mode: the helpers are importable as `infra`.
 _TESTS = str(Path(__file__).resolve().parent)
@@ -38,16 +44,6 @@ from infra.fixtures import (  # noqa: E402,F401 - fixtures and hooks are registe
 
 @pytest.fixture(scope="session")
 def tiny_sft_dir(tmp_path_factory):
-    import torch
+    from recipes import train_tiny_sft
 
-    from rlp_core.pipeline import POLICY_DIR, execute_phase
-    from rlp_core.spec import parse_run
-    from rlp_core.store import Store
-
-    tmp = tmp_path_factory.mktemp("sft")
-    run = parse_run({"metadata": {"name": "toy"}, "spec": {
-        "policy": {"sft": {"tiny": {"maxPositions": 32}, "training": {"epochs": 6, "batchSize": 64, "learningRate": 0.003}}},
-    }})
-    torch.set_num_threads(2)
-    execute_phase(run, Store.from_uri(f"file://{tmp}/store"), 0, "sft", cache_dir=tmp / "cache")
-    return next((tmp / "store").rglob("_MANIFEST.json")).parent / POLICY_DIR
+    return train_tiny_sft(tmp_path_factory.mktemp("sft"))

@@ -1,7 +1,8 @@
 """PPO, APA, GRPO and RLOO on a toy task with a known optimum (the exact sum), with the gold judge as reward.
 
-Fixed seeds; assertions carry margins: each algorithm must raise the tiny SFT policy's mean reward
-clearly above its start while the KL to the reference stays bounded.
+Fixed seeds; each bound on an outcome comes from its spread over seeds, measured by bench/outcome_spread.py:
+each algorithm must raise the tiny SFT policy's mean reward above its start while the KL to the reference
+stays bounded.
 """
 
 import pytest
@@ -33,9 +34,9 @@ def gold_scores(prompts, responses, rollout):
 ALGORITHMS = {"ppo": PPOTrainer, "apa": APATrainer, "grpo": GRPOTrainer, "rloo": RLOOTrainer}
 
 
-def trainer_for(trainer_cls, sft_dir, **overrides):
-    torch.manual_seed(0)
-    settings = dict(steps=60, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=1e-3,
+def trainer_for(trainer_cls, sft_dir, seed=0, **overrides):
+    torch.manual_seed(seed)
+    settings = dict(steps=60, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=5e-4,
                     kl_coef=0.02, max_new_tokens=4, missing_eos_penalty=0.0)
     algorithm = next(name for name, cls in ALGORITHMS.items() if cls is trainer_cls)
     config = Optimization(**(settings | {"algorithm": algorithm} | overrides))
@@ -43,11 +44,11 @@ def trainer_for(trainer_cls, sft_dir, **overrides):
     critic = None if issubclass(trainer_cls, GroupedTrainer) else load_value_model(sft_dir)
     return trainer_cls(config=config, policy=load_policy(sft_dir), reference=load_policy(sft_dir),
                        value_model=critic, tokenizer=load_tokenizer(sft_dir), score_fn=gold_scores, prompts=prompts,
-                       seed=0)
+                       seed=seed)
 
 
-def train(trainer_cls, sft_dir, **overrides):
-    return trainer_for(trainer_cls, sft_dir, **overrides).train()
+def train(trainer_cls, sft_dir, seed=0, **overrides):
+    return trainer_for(trainer_cls, sft_dir, seed, **overrides).train()
 
 
 def improvement(history):
@@ -58,14 +59,23 @@ def improvement(history):
 
 @pytest.mark.parametrize("trainer_cls", list(ALGORITHMS.values()), ids=list(ALGORITHMS))
 def test_raises_gold_reward_with_bounded_kl(trainer_cls, sft_dir):
+    """The rollouts' mean gold reward over the last 10 of 60 steps is above its mean over the first 5, and the KL
+    to the reference stays bounded.
+
+    Measured (docs/bench/outcome-spread.md, "trainers"; seeds 0-9 of the SFT policy and the trainer together,
+    1 thread; seed 0 also at 2 threads, the same to the bit), gain / last-10 mean KL / largest single-step KL:
+    PPO 0.231-0.331 / 0.56-0.89 / 0.74-1.42; APA 0.146-0.239 / 0.67-1.10 / 0.99-4.25; GRPO 0.099-0.343 /
+    0.58-0.98 / 0.93-3.49; RLOO 0.085-0.314 / 0.59-1.01 / 0.97-3.02. The bounds sit at half the smallest gain and
+    about twice the largest KLs: a single step's KL is an estimate from 32 samples, and APA's exp(A/λ) target
+    moves further in one step than PPO's clip. At the learning rate these tests used before, 1e-3, APA ended
+    below its start on seed 4 of 5 and GRPO gained only 0.082 on seed 2 (APA's largest step KL 6.5): 5e-4 is
+    where all four improve on every seed measured.
+    """
     history = train(trainer_cls, sft_dir)
     first, last = improvement(history)
-    assert last > first + 0.08, f"mean reward {first:.3f} -> {last:.3f}"
-    # bounded: the last 10 steps' mean KL, and no blow-up in any one step. A single rollout's KL is an estimate
-    # from 32 samples, and APA's exp(A/λ) target moves further per step than PPO's clip: its noisiest step
-    # reaches 5.05 nats while its last-10 mean is 1.4
-    assert sum(h["kl"] for h in history[-10:]) / 10 < 3.0
-    assert max(h["kl"] for h in history) < 10.0
+    assert last > first + 0.04, f"mean reward {first:.3f} -> {last:.3f}"
+    assert sum(h["kl"] for h in history[-10:]) / 10 < 2.0
+    assert max(h["kl"] for h in history) < 8.0
     assert all(h["kl"] > -1e-3 for h in history[:1])  # starts at the reference: KL ≈ 0
 
 

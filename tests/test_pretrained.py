@@ -85,13 +85,15 @@ def _gold_answer_logprob(policy, tok, prompts, answers) -> float:
     return float((lp * enc["response_mask"][:, 1:]).sum() / len(prompts))
 
 
-def test_lora_ppo_raises_the_gold_reward_keeps_the_reference_and_saves_a_merged_model(smollm2, tmp_path):
+def lora_ppo(smollm2, seed=0):
+    """5 LoRA PPO steps of SmolLM2 on 4 reasoning-gym questions with their gold reward:
+    (policy, tokenizer, probe batch, reference logits before, log p(answer) before, after, history)."""
     uri = f"reasoning-gym://{TASK.replace('?', '/prompts?n=4&seed=5&', 1)}"
     prompts = [p.prompt for p in load_records(uri, Prompt)]
     judge = programmatic_judge(f"reasoning-gym://{TASK}")
     answers = [gym_tasks._ENTRIES[p][1]["answer"] for p in prompts]
     tok = load_tokenizer(smollm2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     opt = Optimization(steps=5, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, learning_rate=2e-3,
                        warmup_steps=0, kl_coef=0.01, max_new_tokens=8, temperature=0.7, reward="judge",
                        lora=LoRA(rank=8, alpha=16), critic_training="head", value_init="policy")
@@ -103,9 +105,13 @@ def test_lora_ppo_raises_the_gold_reward_keeps_the_reference_and_saves_a_merged_
     before = _gold_answer_logprob(policy, tok, prompts, answers)
     trainer = PPOTrainer(config=opt, policy=policy, reference=None, value_model=value, tokenizer=tok,
                          score_fn=lambda ps, rs, _: torch.tensor([judge(p, r) for p, r in zip(ps, rs)]),
-                         prompts=prompts, seed=0, gold_fn=lambda ps, rs: [judge(p, r) for p, r in zip(ps, rs)])
+                         prompts=prompts, seed=seed, gold_fn=lambda ps, rs: [judge(p, r) for p, r in zip(ps, rs)])
     history = trainer.train()
-    after = _gold_answer_logprob(policy, tok, prompts, answers)
+    return policy, tok, probe, ref_before, before, _gold_answer_logprob(policy, tok, prompts, answers), history
+
+
+def test_lora_ppo_raises_the_gold_reward_keeps_the_reference_and_saves_a_merged_model(smollm2, tmp_path):
+    policy, tok, probe, ref_before, before, after, history = lora_ppo(smollm2)
     print("gold per step", [round(h["gold_mean"], 3) for h in history], "log p(answer)", before, after)
     assert after > before + 0.5  # the bare correct answer (gold reward 1) became much likelier
     assert history[-1]["gold_mean"] > history[0]["gold_mean"]

@@ -114,33 +114,56 @@ def test_python_function_reward(tmp_path, monkeypatch):
         user_reward(RewardFunction(uri="python://no_such_pkg.mod:fn"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["http", "python"])
-def test_a_run_is_optimised_against_a_user_reward(kind, server, tiny_sft_dir, tmp_path, monkeypatch):
-    """The optimize phase (GRPO, no reward model at all) driven by the endpoint or the function: it calls
-    it for every rollout and the policy's reward under it goes up."""
+GOLD_REWARD_MODULE = ("from rlp_core.tasks import TASKS\n"
+                      "def score(prompts, responses):\n"
+                      "    return [TASKS['arith'].gold_score(p, r) for p, r in zip(prompts, responses)]\n")
+
+
+def optimize_against(uri: str, sft_dir, work, seed: int = 0, steps: int = 60):
+    """The optimize phase (GRPO, no reward model at all) of the tiny SFT policy against the reward at `uri`, with
+    tests/test_policy_optimization.py's settings."""
     from rlp_core.pipeline import execute_phase
     from rlp_core.spec import parse_run
     from rlp_core.store import Store
 
-    (tmp_path / "gold_reward.py").write_text(
-        "from rlp_core.tasks import TASKS\n"
-        "def score(prompts, responses):\n"
-        "    return [TASKS['arith'].gold_score(p, r) for p, r in zip(prompts, responses)]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    uri = server.url if kind == "http" else "python://gold_reward:score"
-    run = parse_run({"metadata": {"name": f"user-reward-{kind}"}, "spec": {
-        "policy": {"model": f"file://{tiny_sft_dir}"},
+    run = parse_run({"metadata": {"name": "user-reward"}, "spec": {
+        "seed": seed,
+        "policy": {"model": f"file://{sft_dir}"},
         "rewardLearning": {"strategy": "none"},
         "optimization": {"algorithm": "grpo", "reward": "function", "rewardFunction": {"uri": uri, "batchSize": 16},
-                         "steps": 30, "rolloutBatchSize": 32, "miniBatchSize": 16, "learningRate": 0.001,
-                         "klCoef": 0.02, "maxNewTokens": 4, "missingEosPenalty": 0.0},
+                         "steps": steps, "rolloutBatchSize": 32, "miniBatchSize": 16, "ppoEpochs": 2,
+                         "learningRate": 0.0005, "klCoef": 0.02, "maxNewTokens": 4, "missingEosPenalty": 0.0},
     }})
-    store = Store.from_uri(f"file://{tmp_path}/store")
-    result = execute_phase(run, store, 1, "optimize", cache_dir=tmp_path / "cache")
+    return execute_phase(run, Store.from_uri(f"file://{work}/store"), 1, "optimize", cache_dir=work / "cache")
+
+
+def reward_gain(work) -> tuple[float, float]:
+    """The rollouts' mean reward over the first 5 steps and over the last 10 of the run under `work`."""
+    history = [json.loads(line) for line in next(work.rglob("history.jsonl")).read_text().splitlines()]
+    return (sum(h["reward_mean"] for h in history[:5]) / 5, sum(h["reward_mean"] for h in history[-10:]) / 10)
+
+
+@pytest.mark.slow
+def test_an_endpoint_is_called_for_every_rollout_of_a_run(server, tiny_sft_dir, tmp_path):
+    """The optimize phase driven by the endpoint: one request per `batchSize` responses of every rollout."""
+    result = optimize_against(server.url, tiny_sft_dir, tmp_path, steps=3)
     assert result.state == "Succeeded", result
-    metrics = result.manifest.metrics
-    assert metrics["reward"] == "function" and metrics["value_init"] is None
-    assert metrics["reward_mean_last"] > metrics["reward_mean_first"] + 0.05, metrics
-    if kind == "http":
-        assert len(server.requests) == 30 * 2  # 32 responses per rollout, 16 per request
+    assert result.manifest.metrics["reward"] == "function" and result.manifest.metrics["value_init"] is None
+    assert len(server.requests) == 3 * 2  # 32 responses per rollout, 16 per request
+
+
+@pytest.mark.slow
+def test_a_run_is_optimised_against_a_user_function(tiny_sft_dir, tmp_path, monkeypatch):
+    """GRPO against a Python function (the gold judge): the policy's reward under it goes up.
+
+    Measured (docs/bench/outcome-spread.md, "user-reward"; seeds 0-9, 1 thread): the last 10 steps' mean reward
+    is 0.082-0.284 above the first 5 steps' (mean 0.189). The bound, half the smallest gain, is the one of
+    tests/test_policy_optimization.py, whose recipe this is.
+    """
+    (tmp_path / "gold_reward.py").write_text(GOLD_REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = optimize_against("python://gold_reward:score", tiny_sft_dir, tmp_path)
+    assert result.state == "Succeeded", result
+    assert result.manifest.metrics["reward"] == "function" and result.manifest.metrics["value_init"] is None
+    first, last = reward_gain(tmp_path)
+    assert last > first + 0.04, (first, last)

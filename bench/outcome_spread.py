@@ -1,0 +1,219 @@
+"""The spread of the training outcomes the test suite asserts, over seeds and torch thread counts.
+
+A test that bounds a training outcome (a reward rising, a KL bound, a win-rate) runs one seed on one CPU. Floating
+point differs between CPUs and BLAS kernels, and over many RL steps a last-bit difference grows into another
+trajectory: on another machine the test sees, in effect, another draw. So each bound is set from the spread
+measured here, with the very recipe the test runs (imported from tests/), and the test's docstring quotes it.
+The thread count stands in for another CPU: 1 and 2 threads split reductions differently, so the same seed
+gives another trajectory.
+
+    uv run --all-extras python -m bench.outcome_spread --jobs 2                # every target, resumable
+    uv run --all-extras python -m bench.outcome_spread --targets quickstart --seeds 0 1 --threads 2
+    uv run --all-extras python -m bench.outcome_spread --render                # the report from the saved results
+
+Every measurement runs in its own process (OMP_NUM_THREADS set before torch starts, CUDA hidden) and is
+appended to docs/bench/outcome-spread.jsonl as it finishes; a rerun skips what is there. The report is
+docs/bench/outcome-spread.md, with docs/bench/outcome-spread-notes.md (written by hand) at its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "bench" / "outcome-spread.jsonl"
+REPORT = REPO / "docs" / "bench" / "outcome-spread.md"
+NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, appended to the report
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
+         "pretrained-ppo": range(5)}
+ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
+
+
+def measure_quickstart(seed: int, work: Path) -> list[dict]:
+    """`rlp run examples/quickstart.yaml` with `spec.seed` set: the evaluate phase's win-rate and gold means."""
+    import yaml
+
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["spec"]["seed"] = seed
+    spec = work / "quickstart.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "rlp_cli", "run", str(spec), "--store", f"file://{work}/store",
+                    "--cache-dir", str(work / "cache")], check=True, cwd=work, stdout=subprocess.DEVNULL)
+    report = json.loads(next((work / "cache" / "reports").rglob("report.json")).read_text())
+    ev = report["evaluation"]
+    return [{"win_rate": ev["win_rate"], "ci_low": ev["ci_low"], "ci_high": ev["ci_high"],
+             "policy_score_mean": ev["policy_score_mean"], "baseline_score_mean": ev["baseline_score_mean"],
+             "score_change": ev["score_change"], "score_ci_low": ev["score_ci_low"],
+             "accuracy_change": ev["accuracy_change"], "accuracy_ci_low": ev["accuracy_ci_low"],
+             "wall_s": round(time.monotonic() - start, 1)}]
+
+
+def measure_trainers(seed: int, work: Path) -> list[dict]:
+    """tests/test_policy_optimization.py's four trainers on a tiny SFT policy of the same seed."""
+    from recipes import train_tiny_sft
+    from test_policy_optimization import ALGORITHMS as TRAINERS
+    from test_policy_optimization import improvement, train
+
+    sft = train_tiny_sft(work, seed)
+    rows = []
+    for name in ALGORITHMS:
+        history = train(TRAINERS[name], sft, seed)
+        first, last = improvement(history)
+        rows.append({"algorithm": name, "first": first, "last": last, "gain": last - first,
+                     "kl_last10": sum(h["kl"] for h in history[-10:]) / 10, "kl_max": max(h["kl"] for h in history),
+                     "kl_step0": history[0]["kl"]})
+    return rows
+
+
+def measure_user_reward(seed: int, work: Path) -> list[dict]:
+    """tests/test_reward_functions.py's GRPO run against a Python reward function (the gold judge)."""
+    from recipes import train_tiny_sft
+    from test_reward_functions import GOLD_REWARD_MODULE, optimize_against, reward_gain
+
+    sft = train_tiny_sft(work / "sft", seed)
+    (work / "gold_reward.py").write_text(GOLD_REWARD_MODULE)
+    sys.path.insert(0, str(work))
+    result = optimize_against("python://gold_reward:score", sft, work, seed)
+    first, last = reward_gain(work)
+    return [{"first": first, "last": last, "gain": last - first, "kl_last": result.manifest.metrics["kl_last"]}]
+
+
+def measure_mib(seed: int, work: Path) -> list[dict]:
+    """tests/test_uml.py's MIB objective on a tiny RM: the JSD bound over the first and the last 5 steps."""
+    import math
+
+    from test_uml import mib_training
+
+    mi_first, mi_last, _ = mib_training(seed)
+    floor = -2 * math.log(2)
+    return [{"mi_first_above_floor": mi_first - floor, "mi_last_above_floor": mi_last - floor,
+             "mi_rise": mi_last - mi_first}]
+
+
+def measure_pretrained_ppo(seed: int, work: Path) -> list[dict]:
+    """tests/test_pretrained.py's 5 LoRA PPO steps of SmolLM2 with the gold reward (8 rollouts a step)."""
+    from rlp_core.pretrained import fetch_model
+    from test_pretrained import lora_ppo
+
+    *_, before, after, history = lora_ppo(fetch_model("smollm2"), seed)
+    gold = [h["gold_mean"] for h in history]
+    return [{"logp_answer_gain": after - before, "gold_first": gold[0], "gold_last": gold[-1],
+             "gold_last_minus_first": gold[-1] - gold[0],
+             "gold_last2_minus_first2": (gold[-1] + gold[-2] - gold[0] - gold[1]) / 2}]
+
+
+TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
+           "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo}
+
+
+def child(target: str, seed: int, threads: int) -> None:
+    """One measurement, in this process (started by `run` with the thread count in its environment)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix=f"spread-{target}-") as tmp:
+        rows = TARGETS[target](seed, Path(tmp))
+    for row in rows:
+        print("RESULT " + json.dumps({"target": target, "seed": seed, "threads": threads} | row))
+
+
+def saved() -> list[dict]:
+    return [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+
+
+def run(target: str, seed: int, threads: int) -> None:
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bench.outcome_spread", "--child", target, str(seed), str(threads)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{target} seed {seed} threads {threads} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return
+    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    with RESULTS.open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"{target} seed {seed} threads {threads}: {len(rows)} rows in {time.monotonic() - start:.0f} s", flush=True)
+
+
+def render(rows: list[dict]) -> str:
+    """Per target (and algorithm), min / mean / max of each measured value over every seed and thread count."""
+    lines = ["# The spread of the outcomes the tests assert, over seeds and thread counts", "",
+             "Produced by `uv run --all-extras python -m bench.outcome_spread --jobs 2` on a 2-core AMD EPYC; raw "
+             "rows in [outcome-spread.jsonl](outcome-spread.jsonl), one per (target, seed, threads). Each row is one "
+             "run of the test's own recipe (imported from tests/) with the seed changed and torch on 1 or 2 threads; "
+             "the thread count stands in for another CPU, on which the same seed takes another trajectory. Each "
+             "test's docstring quotes the lines it bounds.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["target"], row.get("algorithm", "")), []).append(row)
+    for (target, algorithm), members in sorted(groups.items()):
+        keys = [k for k in members[0] if k not in ("target", "seed", "threads", "algorithm", "wall_s")]
+        runs = sorted({(m["seed"], m["threads"]) for m in members})
+        lines += [f"## {target}{' / ' + algorithm if algorithm else ''}", "",
+                  f"{len(runs)} runs: seeds {sorted({s for s, _ in runs})}, threads {sorted({t for _, t in runs})}.",
+                  "", "| value | min | mean | sd | max |", "|---|---|---|---|---|"]
+        for key in keys:
+            values = [m[key] for m in members]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            lines.append(f"| {key} | {min(values):.3f} | {statistics.mean(values):.3f} | {sd:.3f} | {max(values):.3f} |")
+        by_seed: dict[int, dict[int, dict]] = {}
+        for m in members:
+            by_seed.setdefault(m["seed"], {})[m["threads"]] = m
+        both = [rows for rows in by_seed.values() if len(rows) > 1]
+        if both:
+            gap = max(abs(rows[a][k] - rows[b][k]) for rows in both for a in rows for b in rows for k in keys)
+            lines += ["", f"Seeds run at both thread counts: {sorted(s for s, rows in by_seed.items() if len(rows) > 1)}; "
+                      "largest difference between thread counts at one seed: "
+                      + ("none (the same to the bit)." if gap == 0 else f"{gap:.3g}.")]
+        if target == "quickstart":
+            lines += ["", "| seed | threads | win-rate [95% CI] | gold score start -> end | accuracy change "
+                      "(95% CI low) | wall |", "|---|---|---|---|---|---|"]
+            for m in sorted(members, key=lambda m: (m["seed"], m["threads"])):
+                lines.append(f"| {m['seed']} | {m['threads']} | {m['win_rate']:.3f} [{m['ci_low']:.3f}, "
+                             f"{m['ci_high']:.3f}] | {m['baseline_score_mean']:.3f} -> {m['policy_score_mean']:.3f} | "
+                             f"{m['accuracy_change']:+.3f} ({m['accuracy_ci_low']:+.3f}) | {m['wall_s']:.0f} s |")
+        lines.append("")
+    if NOTES.exists():
+        lines += [NOTES.read_text()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--seeds", nargs="+", type=int, help="instead of each target's own (SEEDS)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch intra-op threads")
+    parser.add_argument("--jobs", type=int, default=2, help="processes at once; a 2-thread one counts twice")
+    parser.add_argument("--render", action="store_true", help="only write the report from the saved rows")
+    parser.add_argument("--child", nargs=3, metavar=("TARGET", "SEED", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], int(args.child[1]), int(args.child[2]))
+    if not args.render:
+        done = {(r["target"], r["seed"], r["threads"]) for r in saved()}
+        todo = [(t, s, n) for t in args.targets for s in (args.seeds or SEEDS[t]) for n in args.threads
+                if (t, s, n) not in done]
+        # two 1-thread runs share the 2 cores; a 2-thread run needs both, so those go one at a time after them
+        for threads in sorted(args.threads):
+            batch = [job for job in todo if job[2] == threads]
+            with ThreadPoolExecutor(max(1, args.jobs // threads)) as pool:
+                list(pool.map(lambda job: run(*job), batch))
+    REPORT.write_text(render(saved()))
+    print(f"report: {REPORT}")
+
+
+if __name__ == "__main__":
+    main()
