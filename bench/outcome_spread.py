@@ -63,7 +63,8 @@ def measure_trainers(seed: int, work: Path) -> list[dict]:
     """tests/test_policy_optimization.py's four trainers on a tiny SFT policy of the same seed."""
     from recipes import train_tiny_sft
     from test_policy_optimization import ALGORITHMS as TRAINERS
-    from test_policy_optimization import improvement, train
+    from recipes import improvement
+    from test_policy_optimization import train
 
     sft = train_tiny_sft(work, seed)
     rows = []
@@ -79,13 +80,14 @@ def measure_trainers(seed: int, work: Path) -> list[dict]:
 def measure_user_reward(seed: int, work: Path) -> list[dict]:
     """tests/test_reward_functions.py's GRPO run against a Python reward function (the gold judge)."""
     from recipes import train_tiny_sft
-    from test_reward_functions import GOLD_REWARD_MODULE, optimize_against, reward_gain
+    from recipes import improvement
+    from test_reward_functions import GOLD_REWARD_MODULE, history_of, optimize_against
 
     sft = train_tiny_sft(work / "sft", seed)
     (work / "gold_reward.py").write_text(GOLD_REWARD_MODULE)
     sys.path.insert(0, str(work))
     result = optimize_against("python://gold_reward:score", sft, work, seed)
-    first, last = reward_gain(work)
+    first, last = improvement(history_of(work))
     return [{"first": first, "last": last, "gain": last - first, "kl_last": result.manifest.metrics["kl_last"]}]
 
 

@@ -239,14 +239,15 @@ def test_complete_outputs_are_reused_and_ttl_deletes_the_finished_run(rig):
         rig.write_manifest("reuse", phase)
     rig.create_run("reuse", rig.spec(ttlSecondsAfterFinished=1))
     deadline = time.monotonic() + 30
-    seen_succeeded = False
     while rig.get_run("reuse") is not None and time.monotonic() < deadline:
-        seen_succeeded |= rig.status("reuse").get("phase") == "Succeeded"
-        time.sleep(0.05)
+        time.sleep(0.1)
     assert rig.get_run("reuse") is None, rig.status("reuse")
-    assert seen_succeeded
     assert rig.jobs("reuse") == []  # every phase was already complete: no Job at all
-    assert "Expired" in rig.event_reasons("reuse")
+    # The Succeeded status lasts only the 1 s TTL, too short to poll for on a loaded machine; the run's
+    # events outlive it and are posted in order, so they show it succeeded before it expired.
+    reasons = rig.event_reasons("reuse")
+    assert "Succeeded" in reasons and "Expired" in reasons, reasons
+    assert reasons.index("Succeeded") < reasons.index("Expired"), reasons
 
 
 def test_operator_works_with_exactly_its_rbac(control_plane, kube_api, namespace, s3_server, s3_bucket, tmp_path):

@@ -8,6 +8,7 @@ stays bounded.
 import pytest
 import torch
 
+from recipes import improvement
 from rlp_core.apa import APATrainer
 from rlp_core.grouped import GroupedTrainer
 from rlp_core.grpo import GRPOTrainer
@@ -49,12 +50,6 @@ def trainer_for(trainer_cls, sft_dir, seed=0, **overrides):
 
 def train(trainer_cls, sft_dir, seed=0, **overrides):
     return trainer_for(trainer_cls, sft_dir, seed, **overrides).train()
-
-
-def improvement(history):
-    first = sum(h["reward_mean"] for h in history[:5]) / 5
-    last = sum(h["reward_mean"] for h in history[-10:]) / 10
-    return first, last
 
 
 @pytest.mark.parametrize("trainer_cls", list(ALGORITHMS.values()), ids=list(ALGORITHMS))

@@ -10,6 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from recipes import improvement
 
 from rlp_core.context import PhaseError
 from rlp_core.reward_functions import user_reward
@@ -137,10 +138,8 @@ def optimize_against(uri: str, sft_dir, work, seed: int = 0, steps: int = 60):
     return execute_phase(run, Store.from_uri(f"file://{work}/store"), 1, "optimize", cache_dir=work / "cache")
 
 
-def reward_gain(work) -> tuple[float, float]:
-    """The rollouts' mean reward over the first 5 steps and over the last 10 of the run under `work`."""
-    history = [json.loads(line) for line in next(work.rglob("history.jsonl")).read_text().splitlines()]
-    return (sum(h["reward_mean"] for h in history[:5]) / 5, sum(h["reward_mean"] for h in history[-10:]) / 10)
+def history_of(work) -> list[dict]:
+    return [json.loads(line) for line in next(work.rglob("history.jsonl")).read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -165,5 +164,5 @@ def test_a_run_is_optimised_against_a_user_function(tiny_sft_dir, tmp_path, monk
     result = optimize_against("python://gold_reward:score", tiny_sft_dir, tmp_path)
     assert result.state == "Succeeded", result
     assert result.manifest.metrics["reward"] == "function" and result.manifest.metrics["value_init"] is None
-    first, last = reward_gain(tmp_path)
+    first, last = improvement(history_of(tmp_path))
     assert last > first + 0.04, (first, last)
