@@ -123,3 +123,41 @@ def test_deepspeed_zero2_trains_and_checkpoints_on_cpu(sft_dir):
     assert not torch.equal(before, next(trainer.policy.parameters()).detach())
     resumed = make()
     assert resumed.start_step == 1 and len(resumed.train()) == 2
+
+
+def test_lora_checkpoint_holds_only_trained_weights_and_resumes_exactly(sft_dir):
+    """A LoRA policy with a head-only critic checkpoints its adapters, the value head and the optimiser state,
+    not the frozen backbones (reloaded from their directories on a restart); resumed from step 1, step 2
+    repeats the uninterrupted run's step 2 exactly."""
+    from rlp_core.checkpoint import decode_state, encode_state
+    from rlp_core.models import freeze_backbone, with_lora
+    from rlp_core.spec import LoRA
+
+    class Memory:  # a store round trip: tensors copied out, as StoreCheckpointer does
+        saved = None
+
+        def save(self, step, state):
+            self.saved = encode_state(state)
+
+        def load(self):
+            return None if self.saved is None else decode_state(*self.saved)
+
+    ckpt = Memory()
+    config = Optimization(steps=2, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4,
+                          checkpoint_every=1, lora=LoRA(rank=4, alpha=8), critic_training="head")
+    prompts = [r["prompt"] for r in TASK.records("prompts", n=16)]
+
+    def make():
+        torch.manual_seed(0)
+        return PPOTrainer(config=config, policy=with_lora(load_policy(sft_dir), config.lora, "CAUSAL_LM"),
+                          reference=None, value_model=freeze_backbone(load_value_model(sft_dir)),
+                          tokenizer=load_tokenizer(sft_dir), score_fn=gold_scores, prompts=prompts, seed=0,
+                          checkpointer=ckpt)
+
+    uninterrupted = make().train()
+    weights = ckpt.load()["module"]
+    assert weights and all("lora_" in name or name.endswith(("score.weight", "score.bias")) for name in weights)
+    resumed = make()
+    assert resumed.start_step == 1
+    untimed = lambda stats: {k: v for k, v in stats.items() if k not in ("seconds", "tokens_per_second")}  # noqa: E731
+    assert untimed(resumed.train()[1]) == untimed(uninterrupted[1])
