@@ -242,11 +242,28 @@ def last_token_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
 
 
+def critic_features(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """A token-classification critic's final hidden state at the position before each response token: what its
+    value head (`score`) reads to give V(s_t)."""
+    out = _unwrapped(model).base_model(input_ids=sequences, attention_mask=attention_mask,
+                                       position_ids=position_ids(attention_mask))
+    return out.last_hidden_state[:, prompt_len - 1 : -1]
+
+
+def backbone_frozen(model: PreTrainedModel) -> bool:
+    """Whether nothing below a critic's or RM's head trains (`freeze_backbone`)."""
+    return not any(p.requires_grad for p in _unwrapped(model).base_model.parameters())
+
+
+def value_head(model: PreTrainedModel) -> nn.Module:
+    """The scalar head of a reward model or critic (inside a peft wrapper too)."""
+    return _unwrapped(model).score
+
+
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar RM score per row, read at the last real token by position (pad == EOS safe)."""
     hidden = last_token_hidden(model, input_ids, attention_mask)
-    head = _unwrapped(model).score
-    return head(hidden.to(model.dtype)).squeeze(-1)
+    return value_head(model)(hidden.to(model.dtype)).squeeze(-1)
 
 
 def suppressed_token_ids(tokenizer: PreTrainedTokenizerFast, stop_ids: Sequence[int] = ()) -> list[int]:

@@ -34,7 +34,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, get_scheduler
 
 from rlp_core import losses
 from rlp_core.checkpoint import CheckpointError
-from rlp_core.models import disable_dropout, position_ids, response_logprobs, stop_token_ids, suppressed_token_ids
+from rlp_core.models import (
+    backbone_frozen, critic_features, disable_dropout, response_logprobs, stop_token_ids, suppressed_token_ids, value_head,
+)
 from rlp_core.sampling import Rollout, decode_responses, sample_responses
 from rlp_core.spec import Optimization
 from rlp_core.telemetry import POLICY_STATS, PhaseTelemetry
@@ -78,15 +80,19 @@ class Experience:
     advantages: torch.Tensor  # per token (ppo, apa) or per response (grpo, rloo)
     returns: torch.Tensor | None
     prompt_len: int
+    critic_features: torch.Tensor | None = None  # a frozen critic backbone's, computed once per rollout
 
     def select(self, idx: torch.Tensor) -> Experience:
         return Experience(**{k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
 
 
-def value_forward(value_model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """V(s_t) for each response token t: the value head read at the position before the token."""
-    out = value_model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    return out.logits.squeeze(-1)[:, prompt_len - 1 : -1].float()
+def value_forward(value_model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                  features: torch.Tensor | None = None) -> torch.Tensor:
+    """V(s_t) for each response token t: the value head read at the position before the token. Given the
+    backbone's `features` there (`critic_features`), only the head runs."""
+    if features is None:
+        features = critic_features(value_model, sequences, attention_mask, prompt_len)
+    return value_head(value_model)(features).squeeze(-1).float()
 
 
 class _PolicyAndValue(nn.Module):
@@ -162,6 +168,9 @@ class PPOTrainer:
         for model in (self.policy, self.reference, self.value_model):
             if model is not None:
                 disable_dropout(model)
+        # criticTraining: head: the backbone's features do not change while the head trains, so each minibatch
+        # reuses the rollout's and runs only the head (ppoEpochs forward passes of a whole model fewer a step)
+        self.frozen_critic_backbone = self.value_model is not None and backbone_frozen(self.value_model)
         if self.reference is not None:
             self.reference.eval().requires_grad_(False)
         elif not hasattr(self.policy, "disable_adapter"):
@@ -186,14 +195,14 @@ class PPOTrainer:
         """The prompts of one rollout of n responses: drawn independently."""
         return [self._rng.choice(self.prompts) for _ in range(n)]
 
-    def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, rollout: Rollout
+    def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, rollout: Rollout,
+                   features: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
         """(advantages, old values, returns, stats): per-token rewards shaped by −β·KL, GAE over the critic's
-        values, advantages whitened over valid tokens."""
+        values (from its backbone's `features`), advantages whitened over valid tokens."""
         cfg = self.config
-        self.value_model.eval()
-        values = value_forward(self.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
-        self.value_model.train()
+        values = value_forward(self.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len,
+                               features) * mask
         rewards = losses.shaped_rewards(scores, kl, mask, self.kl_ctl.value)
         if cfg.whiten_rewards:
             rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
@@ -303,9 +312,15 @@ class PPOTrainer:
         mask = rollout.response_mask
         ref_logprobs = self.reference_logprobs(rollout.sequences, rollout.attention_mask, rollout.prompt_len) * mask
         kl = losses.kl_per_token(rollout.logprobs, ref_logprobs) * mask
-        advantages, values, returns, advantage_stats = self.advantages(scores, kl, mask, rollout)
+        features = None
+        if self.value_model is not None:
+            self.value_model.eval()
+            features = critic_features(self.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
+            self.value_model.train()
+        advantages, values, returns, advantage_stats = self.advantages(scores, kl, mask, rollout, features)
         exp = Experience(rollout.sequences, rollout.attention_mask, mask, rollout.logprobs, ref_logprobs,
-                         values, advantages, returns, rollout.prompt_len)
+                         values, advantages, returns, rollout.prompt_len,
+                         features if self.frozen_critic_backbone else None)
         stats = {
             **advantage_stats,
             "reward_mean": scores.mean().item(),
@@ -330,7 +345,8 @@ class PPOTrainer:
                  **{k: float(v) for k, v in pg_stats.items()}}
         if self.value_model is None:
             return pg_loss, None, stats
-        values = value_forward(self.value_model, batch.sequences, batch.attention_mask, batch.prompt_len)
+        values = value_forward(self.value_model, batch.sequences, batch.attention_mask, batch.prompt_len,
+                               batch.critic_features)
         v_loss, v_stats = losses.value_loss(values, batch.values, batch.returns, batch.mask, cfg.value_clip)
         stats |= {"value_loss": v_loss.item(), **{k: float(v) for k, v in v_stats.items()}}
         return pg_loss, cfg.value_coef * v_loss, stats

@@ -162,3 +162,40 @@ def test_dropout_is_off_in_the_trained_critic(policy, tokenizer):
     first = value_forward(trainer.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
     second = value_forward(trainer.value_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
     torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_a_head_only_critic_reuses_its_rollout_features_and_trains_the_same(tokenizer):
+    """criticTraining: head freezes the critic's backbone, so each minibatch reads the rollout's backbone features
+    and runs only the head; the update is the one that runs the whole critic every minibatch."""
+    from rlp_core.models import freeze_backbone
+
+    updates = []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        policy = build_tiny_policy(tokenizer, TinyModel(hidden_size=32, num_heads=2, intermediate_size=64,
+                                                        max_positions=32), 0)
+        trainer = make_trainer(policy, tokenizer)
+        freeze_backbone(trainer.value_model)
+        assert trainer.frozen_critic_backbone is False  # decided when the trainer was built, on a trainable backbone
+        trainer.frozen_critic_backbone = reuse
+        exp, _ = trainer.make_experience(PROMPTS[:32])
+        assert (exp.critic_features is not None) is reuse
+        if reuse:
+            whole = value_forward(trainer.value_model, exp.sequences, exp.attention_mask, exp.prompt_len)
+            torch.testing.assert_close(whole * exp.mask, exp.values)
+        stats = trainer.update(exp)
+        updates.append((stats["value_loss"], torch.cat([p.detach().flatten() for p in trainer.value_model.parameters()])))
+    assert math.isclose(updates[0][0], updates[1][0], rel_tol=1e-5)
+    torch.testing.assert_close(updates[0][1], updates[1][1])
+
+
+def test_the_trainer_sees_a_frozen_critic_backbone(tokenizer):
+    from rlp_core.models import freeze_backbone
+
+    tiny = TinyModel(hidden_size=32, num_heads=2, intermediate_size=64, max_positions=32)
+    policy = build_tiny_policy(tokenizer, tiny, 0)
+    value = AutoModelForTokenClassification.from_config(policy.config.__class__(**(policy.config.to_dict() | {"num_labels": 1})))
+    trainer = PPOTrainer(config=Optimization(steps=1, max_new_tokens=4), policy=policy,
+                         reference=build_tiny_policy(tokenizer, tiny, 0), value_model=freeze_backbone(value),
+                         tokenizer=tokenizer, prompts=PROMPTS, seed=0, score_fn=lambda ps, rs, roll: torch.zeros(len(ps)))
+    assert trainer.frozen_critic_backbone
