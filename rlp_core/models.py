@@ -243,15 +243,46 @@ def last_token_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention
 
 
 def critic_features(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """A token-classification critic's final hidden state at the position before each response token: what its
-    value head (`score`) reads to give V(s_t)."""
+    """A critic's final hidden state at the position before each response token: what its value head (`score`)
+    reads to give V(s_t)."""
+    if isinstance(model, SharedBackboneCritic):
+        return model.features(sequences, attention_mask, prompt_len)
     out = _unwrapped(model).base_model(input_ids=sequences, attention_mask=attention_mask,
                                        position_ids=position_ids(attention_mask))
     return out.last_hidden_state[:, prompt_len - 1 : -1]
 
 
+class SharedBackboneCritic(nn.Module):
+    """A value head on the LoRA policy's own backbone with its adapters disabled: the critic of `criticTraining:
+    head` started from the policy, without a second copy of the backbone (0.54 GB on SmolLM2).
+
+    With the adapters disabled the policy's backbone is exactly the weights a separate head-only critic would
+    load from the same directory, and they stay frozen, so the values are the same; the head is initialised as
+    transformers initialises a token-classification head, drawing the same random numbers. Only the head is
+    this module's: the policy is held outside its submodules, so the critic's optimiser and checkpoint never
+    see the policy's weights."""
+
+    def __init__(self, hidden_size: int, init_std: float):
+        super().__init__()
+        self.score = torch.nn.utils.skip_init(nn.Linear, hidden_size, 1)  # no init of its own: no random draws
+        nn.init.normal_(self.score.weight, std=init_std)
+        nn.init.zeros_(self.score.bias)
+        self._policy: PreTrainedModel | None = None
+
+    def attach(self, policy: PreTrainedModel) -> SharedBackboneCritic:
+        """Read features from `policy` (a peft model: its adapters are disabled while the critic reads)."""
+        object.__setattr__(self, "_policy", policy)  # not a submodule, see the class docstring
+        return self
+
+    def features(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        with self._policy.disable_adapter():
+            return critic_features(self._policy, sequences, attention_mask, prompt_len)
+
+
 def backbone_frozen(model: PreTrainedModel) -> bool:
-    """Whether nothing below a critic's or RM's head trains (`freeze_backbone`)."""
+    """Whether nothing below a critic's or RM's head trains (`freeze_backbone`, `SharedBackboneCritic`)."""
+    if isinstance(model, SharedBackboneCritic):
+        return True
     return not any(p.requires_grad for p in _unwrapped(model).base_model.parameters())
 
 

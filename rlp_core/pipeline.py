@@ -40,7 +40,7 @@ from rlp_core.evaluate import paired_change, win_rate
 from rlp_core.grpo import GRPOTrainer
 from rlp_core.manifest import MANIFEST_NAME, Manifest, code_version, publish_phase_output, utc_now
 from rlp_core.models import (
-    build_tiny_policy, enable_gradient_checkpointing, freeze_backbone, frozen_dtype, load_policy, load_reward_model, load_value_model,
+    SharedBackboneCritic, build_tiny_policy, enable_gradient_checkpointing, freeze_backbone, frozen_dtype, load_policy, load_reward_model, load_value_model,
     reward_scores, save_model, train_tokenizer, with_lora,
 )
 from rlp_core.ppo import PPOTrainer
@@ -140,13 +140,18 @@ TRAINERS: dict[str, type[PPOTrainer]] = {"ppo": PPOTrainer, "apa": APATrainer, "
 def trainable_models(ctx: PhaseContext, policy_dir: Path, start_dir: Path, value_dir: Path | None):
     """(policy, reference or None, critic or None) of the optimize phase. With `optimization.lora` the policy
     is a peft model and, while it starts from the reference's weights, the reference is the policy with its
-    adapters disabled (None): one copy of the backbone instead of two. No `value_dir`: no critic (grpo, rloo)."""
+    adapters disabled (None): one copy of the backbone instead of two; likewise a head-only critic started from
+    the policy is a head on that backbone (`SharedBackboneCritic`). No `value_dir`: no critic (grpo, rloo)."""
     opt = ctx.spec.optimization
     policy = load_policy(policy_dir)
-    value_model = None if value_dir is None else load_value_model(value_dir)
+    shared_critic = value_dir == policy_dir and opt.critic_training == "head" and opt.lora is not None
+    if shared_critic:  # the head on the LoRA policy's adapters-disabled backbone: one copy of it, not two
+        value_model = SharedBackboneCritic(policy.config.hidden_size, policy.config.initializer_range)
+    else:
+        value_model = None if value_dir is None else load_value_model(value_dir)
     if opt.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
-        if value_model is not None:
+        if value_model is not None and not shared_critic:
             enable_gradient_checkpointing(value_model)
     reference = None
     if opt.lora is None or policy_dir != start_dir:
@@ -155,6 +160,8 @@ def trainable_models(ctx: PhaseContext, policy_dir: Path, start_dir: Path, value
         policy = with_lora(policy, opt.lora, "CAUSAL_LM")
     if value_model is None:
         return policy.to(ctx.device), reference, None
+    if shared_critic:
+        return policy.to(ctx.device), reference, value_model.attach(policy).to(ctx.device)
     if opt.critic_training == "lora":
         value_model = with_lora(value_model, opt.lora, "TOKEN_CLS")
     elif opt.critic_training == "head":

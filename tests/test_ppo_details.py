@@ -199,3 +199,43 @@ def test_the_trainer_sees_a_frozen_critic_backbone(tokenizer):
                          reference=build_tiny_policy(tokenizer, tiny, 0), value_model=freeze_backbone(value),
                          tokenizer=tokenizer, prompts=PROMPTS, seed=0, score_fn=lambda ps, rs, roll: torch.zeros(len(ps)))
     assert trainer.frozen_critic_backbone
+
+
+def test_a_head_on_the_lora_policys_backbone_values_as_a_separate_head_only_critic(tokenizer, tmp_path):
+    """SharedBackboneCritic (criticTraining: head from the LoRA policy) gives the values of a head-only critic
+    loaded from the same weights, with the same head drawn from the same random numbers, and its module holds
+    only the head."""
+    from rlp_core.models import SharedBackboneCritic, freeze_backbone, load_value_model, save_model
+
+    tiny = TinyModel(hidden_size=32, num_heads=2, intermediate_size=64, max_positions=32)
+    save_model(build_tiny_policy(tokenizer, tiny, 0), tokenizer, tmp_path)
+    policy = with_lora(models.load_policy(tmp_path), LoRA(rank=4, alpha=8), "CAUSAL_LM")
+    torch.nn.init.normal_(policy.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight)  # adapters on
+    torch.manual_seed(3)
+    separate = freeze_backbone(load_value_model(tmp_path))
+    torch.manual_seed(3)
+    shared = SharedBackboneCritic(tiny.hidden_size, policy.config.initializer_range).attach(policy)
+    assert [name for name, _ in shared.named_parameters()] == ["score.weight", "score.bias"]
+    rollout = sample_responses(policy, tokenizer, PROMPTS[:8], max_new_tokens=4)
+    args = (rollout.sequences, rollout.attention_mask, rollout.prompt_len)
+    torch.testing.assert_close(value_forward(shared, *args), value_forward(separate, *args))
+
+
+def test_the_optimize_phase_shares_the_backbone_only_for_a_head_critic_from_the_lora_policy(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from rlp_core.models import SharedBackboneCritic, save_model
+    from rlp_core.pipeline import trainable_models
+
+    save_model(build_tiny_policy(tokenizer, TinyModel(hidden_size=32, num_heads=2, intermediate_size=64,
+                                                      max_positions=32), 0), tokenizer, tmp_path)
+
+    def critic(**settings):
+        ctx = SimpleNamespace(spec=SimpleNamespace(optimization=Optimization(**settings)), device=torch.device("cpu"))
+        policy, reference, value = trainable_models(ctx, tmp_path, tmp_path, tmp_path)
+        return policy, value
+
+    policy, value = critic(lora=LoRA(rank=4, alpha=8), critic_training="head", value_init="policy")
+    assert isinstance(value, SharedBackboneCritic) and value._policy is policy
+    assert not isinstance(critic(lora=LoRA(rank=4, alpha=8), critic_training="lora")[1], SharedBackboneCritic)
+    assert not isinstance(critic(critic_training="head")[1], SharedBackboneCritic)  # full policy training moves the backbone
