@@ -131,10 +131,12 @@ def render(rows: list[dict]) -> str:
         totals = []
         for lab in labels:
             got = [r for r in mine if r["label"] == lab]
-            totals += [f"**{sum(r['phase_seconds'] for r in got):.0f}**", f"**{max(r['peak_rss_mb'] for r in got):.0f}**"]
+            totals += [f"**{sum(r['phase_seconds'] for r in got):.0f}**", f"**{max(r['peak_rss_mb'] for r in got):.0f}**"
+                       ] if got else ["", ""]
         lines += ["| all (sum, max) | " + " | ".join(totals) + " |", ""]
         results = [(lab, r["phase"], r["result"]) for lab in labels for r in mine if r["label"] == lab and r["result"]]
-        lines += ["Results beside the cost (same seed):", ""] + [f"- `{lab}` {phase}: {res}" for lab, phase, res in results]
+        shown = lambda res: ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())  # noqa: E731
+        lines += ["Results beside the cost (same seed):", ""] + [f"- `{lab}` {phase}: {shown(res)}" for lab, phase, res in results]
         lines.append("")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ def test_the_report_puts_labels_side_by_side_with_totals():
     assert "`before` at bef, `after` at aft" in report
     assert "| 0/reward | 250 | 5200 | 120 | 2100 |" in report
     assert "| all (sum, max) | **300** | **5200** | **160** | **2100** |" in report
-    assert "- `after` evaluate: {'policy_accuracy': 0.5}" in report
+    assert "- `after` evaluate: policy_accuracy 0.500" in report
 
 
 def test_variants_change_only_what_they_name(tmp_path):
