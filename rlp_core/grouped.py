@@ -36,7 +36,8 @@ class GroupedTrainer(PPOTrainer):
         k = self.config.group_size
         return [prompt for prompt in (self._rng.choice(self.prompts) for _ in range(n // k)) for _ in range(k)]
 
-    def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, rollout: Rollout, features=None):
+    def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, rollout: Rollout,
+                   features: torch.Tensor | None = None):
         """One advantage per response from its group's rewards (scores − β·KL summed over the response when
         the KL is in the reward); the share of groups whose scores are all equal, which carry no signal."""
         rewards = scores - self.kl_ctl.value * kl.sum(1) if self.kl_in_reward else scores

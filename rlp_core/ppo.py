@@ -276,8 +276,8 @@ class PPOTrainer:
         # not have means the checkpoint is of another model
         unexpected = self.module.load_state_dict(state["module"], strict=False).unexpected_keys
         if unexpected:
-            raise CheckpointError(f"the checkpoint holds weights this model does not have ({unexpected[:3]}…): it was made "
-                             "with other model settings; delete the phase's _checkpoints/ to start it over")
+            raise CheckpointError(f"the checkpoint holds weights this model does not have ({unexpected[:3]}…): it was "
+                                  "made with other model settings; delete the phase's _checkpoints/ to start it over")
         if "optimizer" in state and self.engine is None:
             for name, trained in self.trained.items():
                 trained.optimizer.load_state_dict(state["optimizer"][name])
