@@ -11,6 +11,7 @@ import json
 import time
 
 import pytest
+from infra.kube import wait_until
 from operator_fixtures import RUNS_PATH, ClusterRig, raw
 
 pytestmark = pytest.mark.cluster
@@ -245,8 +246,9 @@ def test_complete_outputs_are_reused_and_ttl_deletes_the_finished_run(rig):
     assert rig.jobs("reuse") == []  # every phase was already complete: no Job at all
     # The Succeeded status lasts only the 1 s TTL, too short to poll for on a loaded machine; the run's
     # events outlive it and are posted in order, so they show it succeeded before it expired.
-    reasons = rig.event_reasons("reuse")
-    assert "Succeeded" in reasons and "Expired" in reasons, reasons
+    # events are posted in the background: wait for both, then check their order
+    reasons = wait_until(lambda: (r := rig.event_reasons("reuse")) if {"Succeeded", "Expired"} <= set(r) else None,
+                         timeout=30, what="the run's Succeeded and Expired events")
     assert reasons.index("Succeeded") < reasons.index("Expired"), reasons
 
 
