@@ -247,8 +247,11 @@ def test_complete_outputs_are_reused_and_ttl_deletes_the_finished_run(rig):
     # The Succeeded status lasts only the 1 s TTL, too short to poll for on a loaded machine; the run's
     # events outlive it and are posted in order, so they show it succeeded before it expired.
     # events are posted in the background: wait for both, then check their order
-    reasons = wait_until(lambda: (r := rig.event_reasons("reuse")) if {"Succeeded", "Expired"} <= set(r) else None,
-                         timeout=30, what="the run's Succeeded and Expired events")
+    def both_posted():
+        reasons = rig.event_reasons("reuse")
+        return reasons if {"Succeeded", "Expired"} <= set(reasons) else None
+
+    reasons = wait_until(both_posted, timeout=30, what="the run's Succeeded and Expired events")
     assert reasons.index("Succeeded") < reasons.index("Expired"), reasons
 
 
