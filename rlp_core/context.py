@@ -20,12 +20,13 @@ from rlp_core.data import DataError, PreferencePair, Record, Sample, load_record
 from rlp_core.hub import HF_SCHEME, PACKAGED_SCHEME, ModelSourceError, check_model_dir, fetch_hf
 from rlp_core.judges import programmatic_judge
 from rlp_core.manifest import Manifest
+from rlp_core.memory import DecoderShape, budget_bytes, rows_that_fit
 from rlp_core.models import default_device, load_reward_model, load_tokenizer, render_prompt, with_lora
 from rlp_core.pretrained import ModelSetupError, fetch_model
 from rlp_core.provenance import POLICY_PRODUCERS, RM_PRODUCERS, Provenance, latest_producer, output_key
 from rlp_core.spec import RLPRun, Storage
 from rlp_core.store import IntegrityError, Store, sha256_file
-from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss
+from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss, weighted_pairs
 from rlp_core.telemetry import PhaseTelemetry
 
 POLICY_DIR, RM_DIR, SAMPLES_FILE, HISTORY_FILE = "policy", "reward_model", "samples.jsonl", "history.jsonl"
@@ -105,6 +106,16 @@ class PhaseContext:
             return spec.policy.sft.tiny.max_positions
         return spec.policy.max_prompt_tokens + max(
             spec.generation.max_new_tokens, spec.optimization.max_new_tokens, spec.evaluation.max_new_tokens)
+
+    def rows_that_fit(self, model: torch.nn.Module, row_bytes: Callable[[DecoderShape, int], int], most: int) -> int:
+        """How many rows of at most `max_length` tokens, each costing `row_bytes(shape, tokens)`, one chunk of
+        `model`'s forward may hold within spec.batchMemory (rlp_core.memory), at most `most`."""
+        budget = budget_bytes(self.spec.batch_memory, self.device)
+        return rows_that_fit(budget, row_bytes(DecoderShape.of(model), self.max_length), most)
+
+    def scoring_rows(self, model: torch.nn.Module, most: int = 128) -> int:
+        """Preference pairs (two sequences each) the RM scores at once."""
+        return self.rows_that_fit(model, lambda shape, tokens: 2 * shape.inference_row(tokens), most)
 
     def tokenizer(self, path: Path):
         """The tokenizer of a model directory, with the run's chat-template and system-prompt settings."""
@@ -241,13 +252,16 @@ def train_reward_model(
     """Continue training the RM at `init_dir` on `pairs`; report held-out human accuracy before/after."""
     tokenizer, model = ctx.tokenizer(init_dir), load_trainable_reward_model(ctx, init_dir)
     _, held_out = ctx.human_pairs()
-    before = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
+    before = preference_accuracy(model, tokenizer, held_out, ctx.max_length, ctx.scoring_rows(model))
     batches = minibatches(pairs, training.batch_size, training.epochs, ctx.spec.seed + ctx.round)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    history = fit(trainable, batches, reward_loss(model, tokenizer, ctx.max_length), training, ctx.telemetry, description)
-    after = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
+    micro = ctx.rows_that_fit(model, lambda shape, tokens: 2 * shape.training_row(tokens), training.batch_size)
+    history = fit(trainable, batches, reward_loss(model, tokenizer, ctx.max_length), training, ctx.telemetry, description,
+                  weighted_pairs(micro))
+    after = preference_accuracy(model, tokenizer, held_out, ctx.max_length, ctx.scoring_rows(model))
     ctx.telemetry.set_accuracy("held_out", after)
-    return model, tokenizer, {"pairs": len(pairs), "steps": len(history), "final_reward_loss": history[-1]["reward_loss"],
+    return model, tokenizer, {"pairs": len(pairs), "steps": len(history), "micro_batch_pairs": micro,
+                              "final_reward_loss": history[-1]["reward_loss"],
                               "rm_accuracy_held_out_before": before, "rm_accuracy_held_out": after}
 
 

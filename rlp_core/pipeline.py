@@ -39,9 +39,10 @@ from rlp_core.data import (
 from rlp_core.evaluate import paired_change, win_rate
 from rlp_core.grpo import GRPOTrainer
 from rlp_core.manifest import MANIFEST_NAME, Manifest, code_version, publish_phase_output, utc_now
+from rlp_core.memory import DecoderShape, chunks
 from rlp_core.models import (
-    SharedBackboneCritic, build_tiny_policy, enable_gradient_checkpointing, freeze_backbone, frozen_dtype, load_policy, load_reward_model, load_value_model,
-    reward_scores, save_model, train_tokenizer, with_lora,
+    SharedBackboneCritic, build_tiny_policy, enable_gradient_checkpointing, encode_pairs, freeze_backbone, frozen_dtype,
+    load_policy, load_reward_model, load_value_model, reward_scores, save_model, train_tokenizer, with_lora,
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.provenance import Provenance, output_key, upstream
@@ -89,12 +90,12 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
     model = load_policy(policy_dir).to(ctx.device)
     torch.manual_seed(ctx.spec.seed * 1000 + ctx.round)
     jobs = [(i, p, k) for i, p in enumerate(prompts) for k in range(gen.samples_per_prompt)]
-    ctx.telemetry.total_steps = -(-len(jobs) // gen.batch_size)
+    batches = chunks(jobs, ctx.rows_that_fit(model, DecoderShape.generation_row, gen.batch_size))
+    ctx.telemetry.total_steps = len(batches)
     samples: list[Sample] = []
     gold = ctx.gold()
     tokens = 0
-    for start in range(0, len(jobs), gen.batch_size):
-        chunk = jobs[start : start + gen.batch_size]
+    for chunk in batches:
         rollout = sample_responses(model, tokenizer, [p.prompt for _, p, _ in chunk], max_new_tokens=gen.max_new_tokens,
                                    temperature=gen.temperature, top_p=gen.top_p)
         texts = decode_responses(tokenizer, rollout)
@@ -106,6 +107,7 @@ def run_generate(ctx: PhaseContext) -> dict[str, Any]:
         ctx.telemetry.step(tokens=int(sum(lengths)))
     write_records(ctx.out_dir / SAMPLES_FILE, samples)
     metrics = {"prompts": len(prompts), "samples": len(samples), "samples_per_prompt": gen.samples_per_prompt,
+               "chunk_rows": len(batches[0]),
                "eos_fraction": sum(s.finished for s in samples) / len(samples),
                "mean_response_tokens": tokens / len(samples)}
     if gold is not None:
@@ -119,11 +121,15 @@ def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
     return spg.run_synthesize(ctx)
 
 
-def rm_score_fn(model, device: torch.device):
+def rm_score_fn(model, device: torch.device, rows: int):
+    """Reward-model scores of a rollout's sequences, `rows` of them per forward."""
+
     @torch.no_grad()
     def score(prompts, responses, rollout) -> torch.Tensor:
         model.eval()
-        return reward_scores(model, rollout.sequences.to(device), rollout.attention_mask.to(device))
+        sequences, mask = rollout.sequences, rollout.attention_mask
+        return torch.cat([reward_scores(model, sequences[i : i + rows].to(device), mask[i : i + rows].to(device))
+                          for i in range(0, len(sequences), rows)])
 
     return score
 
@@ -187,7 +193,8 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     else:
         rm_dir = ctx.reward_model_dir()
         reward_model = load_reward_model(rm_dir, frozen_dtype()).to(ctx.device).eval().requires_grad_(False)
-        score_fn = rm_score_fn(reward_model, ctx.device)
+        score_fn = rm_score_fn(reward_model, ctx.device,
+                               ctx.rows_that_fit(reward_model, DecoderShape.inference_row, opt.rollout_batch_size))
     value_dir = policy_dir if opt.value_init == "policy" or rm_dir is None else rm_dir
     if opt.group_size is not None:  # critic-free
         value_dir = None
@@ -223,6 +230,11 @@ def run_optimize(ctx: PhaseContext) -> dict[str, Any]:
     return metrics
 
 
+# The most rows one evaluation chunk holds when spec.batchMemory allows more: the size the quickstart's
+# evaluation has always used, so its random stream (and win-rate) stays what its tests measured.
+EVAL_CHUNK_ROWS = 256
+
+
 def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
     ev = ctx.spec.evaluation
     prompts = [p.prompt for p in ctx.records(ev.prompts, Prompt)][: ev.max_prompts]
@@ -232,13 +244,15 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
     elif ev.judge == "reward-model":
         rm_dir = ctx.reward_model_dir()
         rm_tok, rm = ctx.tokenizer(rm_dir), load_reward_model(rm_dir).to(ctx.device).eval()
+        rows = ctx.rows_that_fit(rm, DecoderShape.inference_row, EVAL_CHUNK_ROWS)
 
+        @torch.no_grad()
         def judge(ps, rs):
-            from rlp_core.models import encode_pairs
-
-            enc = encode_pairs(rm_tok, ps, rs, ctx.max_length)
-            with torch.no_grad():
-                return reward_scores(rm, enc["input_ids"].to(ctx.device), enc["attention_mask"].to(ctx.device)).tolist()
+            out = []
+            for i in range(0, len(ps), rows):
+                enc = encode_pairs(rm_tok, ps[i : i + rows], rs[i : i + rows], ctx.max_length)
+                out += reward_scores(rm, enc["input_ids"].to(ctx.device), enc["attention_mask"].to(ctx.device)).tolist()
+            return out
     else:
         raise PhaseError(f"spec.evaluation.judge: unknown judge {ev.judge!r}; use reward-model, builtin://<task> "
                          "or reasoning-gym://<task>")
@@ -246,14 +260,17 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
     k = ev.samples_per_prompt
     asked = [p for p in prompts for _ in range(k)]  # each prompt k times in a row
 
+    chunk_rows: list[int] = []
+
     def answers(policy_dir: Path) -> list[str]:
         tok = ctx.tokenizer(policy_dir)
         ctx.check_fits(tok, prompts, ev.max_new_tokens, "evaluation.maxNewTokens", "spec.evaluation.prompts")
         model = load_policy(policy_dir).to(ctx.device)
         torch.manual_seed(ctx.spec.seed)
         out = []
-        for i in range(0, len(asked), 256):
-            roll = sample_responses(model, tok, asked[i : i + 256], max_new_tokens=ev.max_new_tokens,
+        chunk_rows.append(min(len(asked), ctx.rows_that_fit(model, DecoderShape.generation_row, EVAL_CHUNK_ROWS)))
+        for chunk in chunks(asked, chunk_rows[-1]):
+            roll = sample_responses(model, tok, chunk, max_new_tokens=ev.max_new_tokens,
                                     temperature=ev.temperature, do_sample=not ev.greedy, logprobs=False)
             out += decode_responses(tok, roll)
         return out
@@ -273,7 +290,7 @@ def run_evaluate(ctx: PhaseContext) -> dict[str, Any]:
     result = win_rate(new_scores, base_scores, ev.confidence)
     change = paired_change(new_scores, base_scores, ev.confidence)
     metrics = {**result.as_dict(), **change.as_dict("score_"), "judge": ev.judge, "greedy": ev.greedy,
-               "samples_per_prompt": k,
+               "samples_per_prompt": k, "chunk_rows": min(chunk_rows),
                "policy_score_mean": sum(new_scores) / len(prompts), "baseline_score_mean": sum(base_scores) / len(prompts)}
     if gold is not None:  # a programmatic judge's full score is a correct answer
         new_exact = per_prompt([float(s == 1.0) for s in new_sample_scores])

@@ -58,10 +58,10 @@ def gold_pairs(samples: Iterable[Sample], gold: Gold, max_per_prompt: int | None
 
 
 def gold_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, samples: Sequence[Sample], gold: Gold,
-                  max_length: int) -> tuple[float, int]:
+                  max_length: int, batch_size: int) -> tuple[float, int]:
     """(pairwise accuracy, number of pairs) of an RM on the gold-labelled pairs of `samples` (nan, 0 if none)."""
     pairs = gold_pairs(samples, gold)
-    return preference_accuracy(model, tokenizer, pairs, max_length), len(pairs)
+    return preference_accuracy(model, tokenizer, pairs, max_length, batch_size), len(pairs)
 
 
 def gold_outcomes(pairs: Sequence[PreferencePair], gold: Gold) -> dict[str, Any]:

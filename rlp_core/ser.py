@@ -75,7 +75,7 @@ def stop_reason(iteration: int, max_iterations: int, selection: Selection | None
 
 @torch.no_grad()
 def pair_probabilities(model, tokenizer, pairs: Sequence[tuple[str, str, str]], max_length: int,
-                       batch_size: int = 128) -> list[float]:
+                       batch_size: int) -> list[float]:
     """σ(r(x, a) − r(x, b)) for each (x, a, b)."""
     model.eval()
     out: list[float] = []
@@ -100,17 +100,17 @@ def run_ser(ctx: PhaseContext) -> dict[str, Any]:
     current = ctx.out_dir / RM_DIR  # the best RM so far; starts as a copy of the input RM
     shutil.copytree(ctx.reward_model_dir(), current)
     model, tokenizer = load_reward_model(current).to(ctx.device), ctx.tokenizer(current)
-    best = preference_accuracy(model, tokenizer, held_out, ctx.max_length)
+    best = preference_accuracy(model, tokenizer, held_out, ctx.max_length, ctx.scoring_rows(model))
     metrics: dict[str, Any] = {"unlabeled_pairs": len(candidates), "human_pairs": len(train),
                                "rm_accuracy_held_out_before": best}
     if gold is not None:
         metrics["rm_accuracy_policy_gold_before"], metrics["policy_gold_pairs"] = gold_accuracy(
-            model, tokenizer, samples, gold, ctx.max_length)
+            model, tokenizer, samples, gold, ctx.max_length, ctx.scoring_rows(model))
     labelled: dict[int, PreferencePair] = {}
     iterations: list[dict[str, Any]] = []
     reason = None
     for it in range(1, cfg.max_iterations + 1):
-        probs = pair_probabilities(model, tokenizer, candidates, ctx.max_length)
+        probs = pair_probabilities(model, tokenizer, candidates, ctx.max_length, ctx.scoring_rows(model))
         selection = select_pairs(probs, set(labelled), cfg.high_confidence, cfg.low_confidence, cfg.min_new_pairs)
         row: dict[str, Any] = {"iteration": it, "status": selection.status, "pairs_selected": len(selection.indices),
                                "new_pairs": len(selection.new),
@@ -136,9 +136,9 @@ def run_ser(ctx: PhaseContext) -> dict[str, Any]:
     model, tokenizer = load_reward_model(current).to(ctx.device), ctx.tokenizer(current)
     metrics.update({"iterations": iterations, "stop_reason": reason, "iterations_kept": sum(r.get("kept", False) for r in iterations),
                     "self_labelled_pairs": len(labelled),
-                    "rm_accuracy_held_out": preference_accuracy(model, tokenizer, held_out, ctx.max_length)})
+                    "rm_accuracy_held_out": preference_accuracy(model, tokenizer, held_out, ctx.max_length, ctx.scoring_rows(model))})
     ctx.telemetry.set_accuracy("held_out", metrics["rm_accuracy_held_out"])
     if gold is not None:
-        metrics["rm_accuracy_policy_gold"], _ = gold_accuracy(model, tokenizer, samples, gold, ctx.max_length)
+        metrics["rm_accuracy_policy_gold"], _ = gold_accuracy(model, tokenizer, samples, gold, ctx.max_length, ctx.scoring_rows(model))
         metrics["self_labelled_pairs_gold_accuracy"] = gold_agreement(list(labelled.values()), gold)
     return metrics

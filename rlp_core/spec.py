@@ -621,6 +621,13 @@ class RLPRunSpec(SpecModel):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     rounds: int = Field(1, ge=1, le=100)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    batch_memory: Quantity | None = Field(
+        None, description="Working memory one chunk of a forward pass may take beyond weights and optimiser state "
+        "(activations, KV cache, logits): generation, evaluation, RM scoring, RM training and refinement cut their "
+        "batches into chunks estimated to fit it (RM training accumulates micro-batches; refinement checkpoints "
+        "gradients). Unset: 1Gi on a CPU, half the free GPU memory on a GPU. Results do not depend on it except "
+        "that sampling in other chunks draws other random numbers."
+    )
     storage: Storage = Field(default_factory=Storage)
     hub: Hub = Field(default_factory=Hub)
     resources: Resources = Field(default_factory=Resources)

@@ -241,12 +241,12 @@ def run_synthesize(ctx: PhaseContext) -> dict[str, Any]:
         metrics["synthetic_pairs_gold"] = gold_outcomes(synthetic, gold)
         before = load_reward_model(init_dir).to(ctx.device)
         metrics["rm_accuracy_policy_gold_before"], metrics["policy_gold_pairs"] = gold_accuracy(
-            before, ctx.tokenizer(init_dir), samples, gold, ctx.max_length)
+            before, ctx.tokenizer(init_dir), samples, gold, ctx.max_length, ctx.scoring_rows(before))
         del before
     model, tokenizer, train_metrics = train_reward_model(ctx, init_dir, train + synthetic, cfg.training, "synthesize")
     metrics.update(train_metrics)
     if gold is not None:
-        metrics["rm_accuracy_policy_gold"], _ = gold_accuracy(model, tokenizer, samples, gold, ctx.max_length)
+        metrics["rm_accuracy_policy_gold"], _ = gold_accuracy(model, tokenizer, samples, gold, ctx.max_length, ctx.scoring_rows(model))
         ctx.telemetry.set_accuracy("policy_gold", metrics["rm_accuracy_policy_gold"])
     save_model(model, tokenizer, ctx.out_dir / RM_DIR)
     return metrics

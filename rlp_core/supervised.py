@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, get_scheduler
 
 from rlp_core.data import Demonstration, PreferencePair
 from rlp_core.losses import bradley_terry_loss, masked_mean
+from rlp_core.memory import chunks
 from rlp_core.models import encode_pairs, position_ids, reward_scores, token_logprobs
 from rlp_core.spec import Training
 from rlp_core.telemetry import PhaseTelemetry
@@ -38,6 +39,25 @@ def minibatches(items: Sequence[T], batch_size: int, epochs: float, seed: int) -
     return batches[:total]
 
 
+# batch -> [(micro-batch, its share of the batch's loss)]: the shares sum to 1
+MicroBatches = Callable[[Any], list[tuple[Any, float]]]
+
+
+def whole(batch: Any) -> list[tuple[Any, float]]:
+    return [(batch, 1.0)]
+
+
+def weighted_pairs(size: int) -> MicroBatches:
+    """Micro-batches of at most `size` preference pairs, each weighing its share of the pair weights: the
+    Bradley-Terry loss is Σ w·ℓ / Σ w over the batch, so the accumulated gradient is the whole batch's."""
+
+    def split(batch: list[PreferencePair]) -> list[tuple[list[PreferencePair], float]]:
+        total = sum(p.weight for p in batch)
+        return [(part, sum(p.weight for p in part) / total) for part in chunks(batch, size)]
+
+    return split
+
+
 def fit(
     parameters: list[torch.nn.Parameter],
     batches: list[Any],
@@ -45,8 +65,11 @@ def fit(
     training: Training,
     telemetry: PhaseTelemetry | None = None,
     description: str = "train",
+    micro_batches: MicroBatches = whole,
 ) -> list[dict[str, float]]:
-    """Minimise `loss_fn` over `batches`; returns the per-step stats."""
+    """Minimise `loss_fn` over `batches`; returns the per-step stats. Each batch may be cut into
+    `micro_batches` whose gradients accumulate into one optimiser step (batches sized by memory,
+    rlp_core.memory); a step's stats are the share-weighted means of its micro-batches' (tokens summed)."""
     optimizer = torch.optim.AdamW(parameters, lr=training.learning_rate, weight_decay=training.weight_decay)
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=int(training.warmup_ratio * len(batches)), num_training_steps=len(batches)
@@ -55,13 +78,16 @@ def fit(
         telemetry.total_steps = len(batches)
     history = []
     for batch in tqdm(batches, desc=description, leave=False, mininterval=1.0):
-        loss, stats = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        stats: dict[str, float] = {}
+        for part, share in micro_batches(batch):
+            loss, part_stats = loss_fn(part)
+            (loss * share).backward()
+            for k, v in part_stats.items():
+                stats[k] = stats.get(k, 0.0) + float(v) * (1.0 if k == "tokens" else share)
         torch.nn.utils.clip_grad_norm_(parameters, training.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        stats = {k: float(v) for k, v in stats.items()}
         history.append(stats)
         if telemetry is not None:
             telemetry.step(tokens=int(stats.pop("tokens", 0)), **stats)
@@ -124,7 +150,7 @@ def reward_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, max_
 @torch.no_grad()
 def preference_accuracy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, pairs: Sequence[PreferencePair],
-    max_length: int, batch_size: int = 128,
+    max_length: int, batch_size: int,
 ) -> float:
     """Share of pairs where the RM scores `chosen` above `rejected` (ties count half)."""
     if not pairs:

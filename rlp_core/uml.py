@@ -38,7 +38,8 @@ from torch import nn
 
 from rlp_core.context import RM_DIR, PhaseContext, PhaseError, load_trainable_reward_model
 from rlp_core.data import PreferencePair, Sample
-from rlp_core.models import encode_pairs, last_token_hidden, save_model
+from rlp_core.memory import DecoderShape
+from rlp_core.models import enable_gradient_checkpointing, encode_pairs, last_token_hidden, save_model
 from rlp_core.reward_learning import by_prompt, gold_accuracy
 from rlp_core.supervised import fit, minibatches, preference_accuracy, reward_loss
 
@@ -147,10 +148,10 @@ def run_refine(ctx: PhaseContext) -> dict[str, Any]:
     seed = ctx.spec.seed + ctx.round
 
     def accuracies(suffix: str) -> dict[str, float]:
-        out = {f"rm_accuracy_held_out{suffix}": preference_accuracy(model, tokenizer, held_out, ctx.max_length)}
+        out = {f"rm_accuracy_held_out{suffix}": preference_accuracy(model, tokenizer, held_out, ctx.max_length, ctx.scoring_rows(model))}
         if gold is not None:
             out[f"rm_accuracy_policy_gold{suffix}"], out["policy_gold_pairs"] = gold_accuracy(
-                model, tokenizer, samples, gold, ctx.max_length)
+                model, tokenizer, samples, gold, ctx.max_length, ctx.scoring_rows(model))
         return out
 
     metrics: dict[str, Any] = {"human_pairs": len(train), **accuracies("_before")}
@@ -164,6 +165,12 @@ def run_refine(ctx: PhaseContext) -> dict[str, Any]:
     total = len(view_batches)
     loss_fn = mib_loss_fn(model, heads, tokenizer, ctx.max_length, cfg.alpha,
                           lambda step: beta_at(step, total, cfg.beta_start, cfg.beta))
+    # a step's sequences (two per human pair, two per view pair) form one contrastive batch, which micro-
+    # batches would change (its negatives are in-batch): when they do not fit spec.batchMemory, checkpoint
+    per_step = 2 * len(human_batches[0]) + 2 * len(view_batches[0])
+    checkpointing = ctx.rows_that_fit(model, DecoderShape.training_row, per_step) < per_step
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     history = fit(trainable + list(heads.parameters()), list(zip(human_batches, view_batches)),
@@ -177,7 +184,7 @@ def run_refine(ctx: PhaseContext) -> dict[str, Any]:
         return sum(r[key] for r in rows) / len(rows)
 
     metrics.update({
-        "view_pairs": len(views), "steps": len(history), "alpha": cfg.alpha, "beta_final": history[-1]["mib_beta"],
+        "view_pairs": len(views), "steps": len(history), "gradient_checkpointing": checkpointing, "alpha": cfg.alpha, "beta_final": history[-1]["mib_beta"],
         **{f"{k}_first": mean(first, k) for k in ("reward_loss", "mib_loss", "mib_mi_jsd", "mib_skl")},
         **{f"{k}_last": mean(last, k) for k in ("reward_loss", "mib_loss", "mib_mi_jsd", "mib_skl")},
     })

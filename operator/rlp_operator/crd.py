@@ -50,6 +50,7 @@ LOCKED_FIELDS: tuple[str, ...] = (
 MUTABLE_FIELDS: tuple[str, ...] = (
     "resources", "phases", "backoffLimit", "suspend", "ttlSecondsAfterFinished",
     "hub",  # access to the Hub (endpoint, token) may change; what is fetched is pinned by the model URI
+    "batchMemory",  # how batches are cut, not what is trained: a phase killed for memory is retried with less
 )
 
 IMMUTABLE_MESSAGE = (
