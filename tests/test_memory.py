@@ -87,9 +87,9 @@ def test_micro_batches_train_the_reward_model_as_the_whole_batch_does(tiny_rm_di
     assert micro_stats["reward_loss"] == pytest.approx(whole_stats["reward_loss"], rel=1e-5)
 
 
-def test_the_budget_reaches_generation_and_reward_training(tmp_path):
-    """With a budget a few rows wide, generate samples in chunks of that many and the reward phase trains in micro-
-    batches; the default leaves the tiny model's batches whole."""
+def test_the_budget_reaches_generation_reward_training_refinement_and_evaluation(tmp_path):
+    """With a budget a few rows wide, generate and evaluate sample in chunks of that many, the reward phase trains in
+    micro-batches and refinement checkpoints its gradients; the default leaves the tiny model's batches whole."""
 
     def phases(batch_memory: str | None) -> dict[str, dict]:
         spec = {"seed": 0, "rounds": 1,
@@ -97,7 +97,7 @@ def test_the_budget_reaches_generation_and_reward_training(tmp_path):
                 "rewardModel": {"humanPreferences": "builtin://arith/preferences?n=200",
                                 "training": {"epochs": 1, "batchSize": 32}},
                 "generation": {"samplesPerPrompt": 2, "maxPrompts": 16, "maxNewTokens": 4, "batchSize": 32},
-                "rewardLearning": {"strategy": "none"},
+                "rewardLearning": {"strategy": "rlp-uml", "uml": {"training": {"batchSize": 8}}},
                 "optimization": {"steps": 1, "rolloutBatchSize": 8, "miniBatchSize": 8, "maxNewTokens": 4},
                 "evaluation": {"prompts": "builtin://arith/eval?n=16", "judge": "builtin://arith", "maxNewTokens": 4}}
         if batch_memory is not None:
@@ -114,5 +114,6 @@ def test_the_budget_reaches_generation_and_reward_training(tmp_path):
     assert 1 <= tight["generate"]["chunk_rows"] < 32
     assert 1 <= tight["reward"]["micro_batch_pairs"] < 32
     assert 1 <= tight["evaluate"]["chunk_rows"] < 16
+    assert (default["refine"]["gradient_checkpointing"], tight["refine"]["gradient_checkpointing"]) == (False, True)
     assert tight["generate"]["samples"] == default["generate"]["samples"] == 32
     assert tight["reward"]["steps"] == default["reward"]["steps"]
