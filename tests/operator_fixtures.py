@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from infra.kube import wait_until
 from rlp_operator.kube import KubeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -536,6 +537,12 @@ class ClusterRig:
 
     def event_reasons(self, run: str) -> list[str]:
         return [e["reason"] for e in self.events(run)]
+
+    def event_reasons_through(self, run: str, last: str, timeout: float = 30) -> list[str]:
+        """The run's event reasons once `last` is among them: the operator posts events in the background, in
+        order, so a status it has written may still be on its way as an event."""
+        return wait_until(lambda: (reasons := self.event_reasons(run)) and last in reasons and reasons,
+                          timeout=timeout, what=f"{run}'s {last} event")
 
     def close(self) -> None:
         self.operator.stop()

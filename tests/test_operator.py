@@ -68,7 +68,7 @@ def test_one_round_run_goes_through_every_phase_to_succeeded(rig):
         assert ended & {"SuccessCriteriaMet", "Complete"}, job["status"]
 
     # Events for every transition, in order
-    reasons = rig.event_reasons("happy")
+    reasons = rig.event_reasons_through("happy", "Succeeded")
     assert reasons[0] == "Accepted" and reasons[-1] == "Succeeded"
     assert reasons.count("PhaseStarted") == 5 and reasons.count("PhaseSucceeded") == 5
     started = [json.loads(json.dumps(e))["message"].split(" ")[0] for e in rig.events("happy")
@@ -106,7 +106,7 @@ def test_retries_backoff_limit_and_metrics(rig):
     gen = _phase_records(st)[("generate", 1)]
     assert (gen["attempts"], gen["failures"], gen["state"]) == (3, 2, "Succeeded")
     assert [n for n in rig.job_names("flaky") if "generate" in n] == [f"flaky-r1-generate-a{i}" for i in (1, 2, 3)]
-    assert rig.event_reasons("flaky").count("AttemptFailed") == 2
+    assert rig.event_reasons_through("flaky", "Succeeded").count("AttemptFailed") == 2
 
     st = rig.wait_run("doomed", lambda s: s.get("phase") == "Failed", what="doomed Failed")
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
@@ -118,7 +118,7 @@ def test_retries_backoff_limit_and_metrics(rig):
     assert rig.job_names("doomed") == ["doomed-r1-generate-a1", "doomed-r1-generate-a2"]
     time.sleep(1.0)  # well past the backoff: no third attempt
     assert rig.job_names("doomed") == ["doomed-r1-generate-a1", "doomed-r1-generate-a2"]
-    assert rig.event_reasons("doomed")[-2:] == ["PhaseFailed", "Failed"]
+    assert rig.event_reasons_through("doomed", "Failed")[-2:] == ["PhaseFailed", "Failed"]
 
     m = rig.operator.metrics()
 
@@ -203,7 +203,7 @@ def test_suspend_deletes_workloads_and_resume_continues_from_the_last_complete_p
         rig.run_phase("pause", phase)
     st = rig.wait_run("pause", lambda s: s.get("phase") == "Succeeded", what="Succeeded")
     assert _phase_records(st)[("generate", 1)]["attempts"] == 1  # not redone
-    reasons = rig.event_reasons("pause")
+    reasons = rig.event_reasons_through("pause", "Succeeded")
     assert reasons.index("Suspended") < reasons.index("Resumed")
 
 
