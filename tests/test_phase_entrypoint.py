@@ -9,6 +9,7 @@ Specs are tiny (a few steps) and are written as JSON, like the operator's Config
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -82,7 +83,7 @@ def scrape(port: int) -> dict[tuple[str, tuple], float] | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
             text = resp.read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not up yet, or the process ended mid-answer (IncompleteRead)
         return None
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
