@@ -127,9 +127,8 @@ def rm_score_fn(model, device: torch.device, rows: int):
     @torch.no_grad()
     def score(prompts, responses, rollout) -> torch.Tensor:
         model.eval()
-        sequences, mask = rollout.sequences, rollout.attention_mask
-        return torch.cat([reward_scores(model, sequences[i : i + rows].to(device), mask[i : i + rows].to(device))
-                          for i in range(0, len(sequences), rows)])
+        return torch.cat([reward_scores(model, ids.to(device), mask.to(device))
+                          for ids, mask in zip(rollout.sequences.split(rows), rollout.attention_mask.split(rows))])
 
     return score
 
