@@ -14,6 +14,7 @@ and the evaluation baseline is always the starting (SFT) policy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -331,6 +332,13 @@ def remove_orphaned_work_dirs(work: Path) -> None:
             pass
 
 
+def phase_seed(seed: int, round: int, phase: str) -> int:
+    """torch's seed at the start of a phase. torch seeds itself at random in every process, so without it a
+    phase that draws before seeding its own stream (the reward model's new head) differs from run to run and
+    between `rlp run` (one process) and job pods (one each)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{round}/{phase}".encode()).digest()[:8], "little")
+
+
 class SpecChanged(PhaseError):
     """A phase's output in the store was made under other spec fields or from other inputs."""
 
@@ -395,6 +403,7 @@ def execute_phase(run: RLPRun, root: Store, round: int, phase: str, *, cache_dir
             ctx = PhaseContext(run, round, phase, root, cache_dir, out_dir, telemetry, step_callback=step_callback,
                                provenance=provenance, out_store=target)
             reset_peak_memory()
+            torch.manual_seed(phase_seed(run.spec.seed, round, phase))
             metrics, state = PHASES[phase](ctx), "Succeeded"
             metrics |= {f"peak_{memory}_mb": mb for memory, mb in peak_memory_mb().items()}
             if ctx.model_revisions:  # hf:// models: the exact commits this phase used
