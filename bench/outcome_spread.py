@@ -35,7 +35,7 @@ REPORT = REPO / "docs" / "bench" / "outcome-spread.md"
 NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, appended to the report
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
-         "pretrained-ppo": range(5)}
+         "pretrained-ppo": range(5), "reward-learning": range(5)}
 ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
 
 
@@ -115,8 +115,19 @@ def measure_pretrained_ppo(seed: int, work: Path) -> list[dict]:
              "gold_last2_minus_first2": (gold[-1] + gold[-2] - gold[0] - gold[1]) / 2}]
 
 
+def measure_reward_learning(seed: int, work: Path) -> list[dict]:
+    """tests/test_bench_reward_learning.py's set-up: PPO against the gold judge, and the RMs after RLP."""
+    from test_bench_reward_learning import base_of, gold_reward_ppo, rm_accuracies_after_rlp
+
+    data, base = base_of(seed, work)
+    first, last = gold_reward_ppo(work, data, base, seed)
+    rm = rm_accuracies_after_rlp(work, data, base, seed)
+    return [{"gold_first": first, "gold_last": last, "gold_gain": last - first, **rm,
+             "refined_minus_fixed": rm["refined"] - rm["fixed"], "synthesized_minus_fixed": rm["synthesized"] - rm["fixed"]}]
+
+
 TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
-           "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo}
+           "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning}
 
 
 def child(target: str, seed: int, threads: int) -> None:
