@@ -185,11 +185,9 @@ def test_gold_outcomes_hand_counted():
     assert gold_outcomes([], gold)["decisive_accuracy"] is None
 
 
-@pytest.mark.pretrained
-def test_answer_equivalence_pairs_on_smollm2_samples_agree_with_the_gold_judge():
-    """SmolLM2-135M-Instruct's own samples (chat template, T 0.7, 12 tokens, 8 per prompt), clustered by the
-    answer its judge reads: among the synthetic pairs the gold judge orders, above 80% put the right answer
-    first (pairs of two wrong answers are tied, and not counted)."""
+def smollm2_answer_pairs(seed: int) -> dict:
+    """SmolLM2-135M-Instruct's own samples (chat template, T 0.7, 12 tokens, 8 per prompt on 48 reasoning-gym
+    sums), clustered by the answer its judge reads, paired as SPG pairs them: the pairs' gold outcomes."""
     import torch
 
     from rlp_core.data import Prompt, load_records
@@ -205,7 +203,7 @@ def test_answer_equivalence_pairs_on_smollm2_samples_agree_with_the_gold_judge()
     prompts = [p.prompt for p in load_records(f"reasoning-gym://basic_arithmetic/prompts?n=48&{task}", Prompt)]
     path = fetch_model("smollm2")
     tokenizer, policy = load_tokenizer(path), load_policy(path).eval()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     k, samples = 8, []
     for i in range(0, len(prompts), 8):
         asked = [p for p in prompts[i : i + 8] for _ in range(k)]
@@ -217,6 +215,18 @@ def test_answer_equivalence_pairs_on_smollm2_samples_agree_with_the_gold_judge()
     read = answer_reader(judge_uri)
     groups = cluster_prompts(samples, key_equivalence(read), read)
     pairs = [p for g in select_confident(groups, None, 0.5) for p in synthetic_pairs(g, 1)]
-    outcome = gold_outcomes(pairs, programmatic_judge(judge_uri))
+    return gold_outcomes(pairs, programmatic_judge(judge_uri))
+
+
+@pytest.mark.pretrained
+def test_answer_equivalence_pairs_on_smollm2_samples_agree_with_the_gold_judge():
+    """SmolLM2's own samples clustered by the answer its judge reads: among the synthetic pairs the gold judge
+    orders, most put the right answer first (pairs of two wrong answers are tied, and not counted).
+
+    Measured (docs/bench/outcome-spread.md, "spg-smollm2"; seeds 0-4, 1 thread): 13-15 pairs decided, 0-2 of them
+    wrong (decisive accuracy 0.867-1.000; 3 wrong of 70 in all). The bound, above 0.75, fails at 4 wrong of 15:
+    at the pooled error rate a draw gets there about once in 300, and pairs ordered at random (accuracy 0.5)
+    fail it. The bound was 0.8 before it was measured, where 3 wrong of 15 (about once in 40) would fail."""
+    outcome = smollm2_answer_pairs(0)
     assert outcome["right"] + outcome["wrong"] >= 8, outcome
-    assert outcome["decisive_accuracy"] > 0.8, outcome
+    assert outcome["decisive_accuracy"] > 0.75, outcome
