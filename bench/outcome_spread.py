@@ -35,13 +35,15 @@ REPORT = REPO / "docs" / "bench" / "outcome-spread.md"
 NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, appended to the report
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
-         "pretrained-ppo": range(5), "reward-learning": range(5)}
+         "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5)}
 ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
 
 
 def measure_quickstart(seed: int, work: Path) -> list[dict]:
-    """`rlp run examples/quickstart.yaml` with `spec.seed` set: the evaluate phase's win-rate and gold means."""
+    """`rlp run examples/quickstart.yaml` with `spec.seed` set: the evaluate phase's win-rate and gold means on
+    the held-out sums, and the win-rate on the RL prompts (tests/test_run_local.py's second evaluation)."""
     import yaml
+    from test_run_local import evaluate_on_training_prompts
 
     doc = yaml.safe_load(QUICKSTART.read_text())
     doc["spec"]["seed"] = seed
@@ -52,7 +54,9 @@ def measure_quickstart(seed: int, work: Path) -> list[dict]:
                     "--cache-dir", str(work / "cache")], check=True, cwd=work, stdout=subprocess.DEVNULL)
     report = json.loads(next((work / "cache" / "reports").rglob("report.json")).read_text())
     ev = report["evaluation"]
-    return [{"win_rate": ev["win_rate"], "ci_low": ev["ci_low"], "ci_high": ev["ci_high"],
+    on_training = evaluate_on_training_prompts(spec, work / "store", work / "cache")
+    return [{"train_win_rate": on_training["win_rate"], "train_ci_low": on_training["ci_low"],
+             "win_rate": ev["win_rate"], "ci_low": ev["ci_low"], "ci_high": ev["ci_high"],
              "policy_score_mean": ev["policy_score_mean"], "baseline_score_mean": ev["baseline_score_mean"],
              "score_change": ev["score_change"], "score_ci_low": ev["score_ci_low"],
              "accuracy_change": ev["accuracy_change"], "accuracy_ci_low": ev["accuracy_ci_low"],
@@ -126,8 +130,18 @@ def measure_reward_learning(seed: int, work: Path) -> list[dict]:
              "refined_minus_fixed": rm["refined"] - rm["fixed"], "synthesized_minus_fixed": rm["synthesized"] - rm["fixed"]}]
 
 
+def measure_spg_smollm2(seed: int, work: Path) -> list[dict]:
+    """tests/test_spg.py's SPG pairs on SmolLM2's samples, clustered by answer: their gold outcomes."""
+    from test_spg import smollm2_answer_pairs
+
+    outcome = smollm2_answer_pairs(seed)
+    return [{"right": outcome["right"], "wrong": outcome["wrong"], "tied": outcome["tied"],
+             "decided": outcome["right"] + outcome["wrong"], "decisive_accuracy": outcome["decisive_accuracy"]}]
+
+
 TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
-           "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning}
+           "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning,
+           "spg-smollm2": measure_spg_smollm2}
 
 
 def child(target: str, seed: int, threads: int) -> None:
@@ -192,12 +206,13 @@ def render(rows: list[dict]) -> str:
                       "largest difference between thread counts at one seed: "
                       + ("none (the same to the bit)." if gap == 0 else f"{gap:.3g}.")]
         if target == "quickstart":
-            lines += ["", "| seed | threads | win-rate [95% CI] | gold score start -> end | accuracy change "
-                      "(95% CI low) | wall |", "|---|---|---|---|---|---|"]
+            lines += ["", "| seed | threads | held-out win-rate [95% CI] | gold score start -> end | accuracy change "
+                      "(95% CI low) | RL-prompt win-rate (95% CI low) | wall |", "|---|---|---|---|---|---|---|"]
             for m in sorted(members, key=lambda m: (m["seed"], m["threads"])):
                 lines.append(f"| {m['seed']} | {m['threads']} | {m['win_rate']:.3f} [{m['ci_low']:.3f}, "
                              f"{m['ci_high']:.3f}] | {m['baseline_score_mean']:.3f} -> {m['policy_score_mean']:.3f} | "
-                             f"{m['accuracy_change']:+.3f} ({m['accuracy_ci_low']:+.3f}) | {m['wall_s']:.0f} s |")
+                             f"{m['accuracy_change']:+.3f} ({m['accuracy_ci_low']:+.3f}) | "
+                             f"{m['train_win_rate']:.3f} ({m['train_ci_low']:.3f}) | {m['wall_s']:.0f} s |")
         lines.append("")
     if NOTES.exists():
         lines += [NOTES.read_text()]
