@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from infra.kube import wait_until
+from infra.kube import WAIT, wait_until
 from rlp_operator.kube import KubeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,7 +316,7 @@ class OperatorProcess:
 RUNS_PATH = "/apis/rlp.dev/v1alpha1/namespaces/{ns}/rlpruns"
 
 
-def install_crd(api_client, timeout: float = 30.0) -> None:
+def install_crd(api_client, timeout: float = WAIT) -> None:
     """Create or update the RLPRun CRD from `render_crd()` and wait until it is Established and served."""
     import yaml
     from kubernetes import client
@@ -442,7 +442,7 @@ class ClusterRig:
         run = self.get_run(name)
         return (run or {}).get("status") or {}
 
-    def wait_run(self, name: str, check, timeout: float = 30.0, what: str = "run state") -> dict[str, Any]:
+    def wait_run(self, name: str, check, timeout: float = WAIT, what: str = "run state") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -456,7 +456,7 @@ class ClusterRig:
         )
 
     def wait_phase_running(self, name: str, phase: str, round_: int = 1, attempt: int | None = None,
-                           timeout: float = 30.0) -> str:  # fmt: skip
+                           timeout: float = WAIT) -> str:  # fmt: skip
         """Wait until (round, phase) is Running (its attempt N when given); returns the Job name."""
 
         def check(st):
@@ -482,7 +482,7 @@ class ClusterRig:
                           query=f"labelSelector=batch.kubernetes.io/job-name={job}")  # fmt: skip
         return obj["items"]
 
-    def wait_pod_running(self, job: str, timeout: float = 30.0) -> str:
+    def wait_pod_running(self, job: str, timeout: float = WAIT) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for pod in self.pods_of(job):
@@ -538,7 +538,7 @@ class ClusterRig:
     def event_reasons(self, run: str) -> list[str]:
         return [e["reason"] for e in self.events(run)]
 
-    def event_reasons_through(self, run: str, last: str, timeout: float = 30) -> list[str]:
+    def event_reasons_through(self, run: str, last: str, timeout: float = WAIT) -> list[str]:
         """The run's event reasons once `last` is among them: the operator posts events in the background, in
         order, so a status it has written may still be on its way as an event."""
         return wait_until(lambda: (reasons := self.event_reasons(run)) and last in reasons and reasons,

@@ -109,7 +109,7 @@ def wait_established(api, names: list[str]) -> None:
                 return False
         return True
 
-    wait_until(established, timeout=30, what=f"CRDs {names} established")
+    wait_until(established, what=f"CRDs {names} established")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def chart_crds(kube_api):
     # the new kinds are served once discovery caught up
     for prefix, plural in (("/apis/monitoring.coreos.com/v1", "servicemonitors"), ("/apis/kopf.dev/v1", "kopfpeerings"),
                            ("/apis/rlp.dev/v1alpha1", "rlpruns")):  # fmt: skip
-        wait_until(lambda: raw(kube_api, "GET", f"{prefix}/{plural}")[0] == 200, timeout=30, what=f"{plural} served")
+        wait_until(lambda: raw(kube_api, "GET", f"{prefix}/{plural}")[0] == 200, what=f"{plural} served")
     return crds
 
 
@@ -407,7 +407,7 @@ def finish_all_pods(rig: ClusterRig, run: str, phase: str, exit_code: int = 0, a
                 if (p.get("status") or {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
         return pods if len(pods) >= want else None
 
-    pods = wait_until(running, timeout=30, what=f"{want} running pod(s) of {job}")
+    pods = wait_until(running, what=f"{want} running pod(s) of {job}")
     if exit_code == 0:
         rig.write_manifest(run, phase)
     for pod in pods:
@@ -447,7 +447,7 @@ def test_operator_runs_a_full_rlprun_with_only_the_charts_rbac(control_plane, ku
             assert gen["attempts"] == 2 and gen["failures"] == 1
             # Events were posted with the chart's rights (by a background thread: wait for the last one)
             reasons = wait_until(lambda: (r := rig.event_reasons("chart-rbac")) and "Succeeded" in r and r,
-                                 timeout=15, what="the Succeeded event")  # fmt: skip
+                                 what="the Succeeded event")  # fmt: skip
             assert "PhaseRetried" in reasons
             services = raw(kube_api, "GET", f"/api/v1/namespaces/{namespace}/services",
                            query="labelSelector=rlp.dev/run=chart-rbac")[1]["items"]  # fmt: skip
@@ -467,7 +467,7 @@ def test_operator_runs_a_full_rlprun_with_only_the_charts_rbac(control_plane, ku
 
             # deleting the run: the garbage collector deletes the Jobs, Services and ConfigMap it owns
             raw(kube_api, "DELETE", f"/apis/rlp.dev/v1alpha1/namespaces/{namespace}/rlpruns/chart-rbac")
-            wait_until(lambda: rig.get_run("chart-rbac") is None, timeout=30, what="run deleted")
+            wait_until(lambda: rig.get_run("chart-rbac") is None, what="run deleted")
             wait_until(lambda: not rig.jobs("chart-rbac"), timeout=90, what="the run's Jobs deleted (GC)")
 
             # the uninstall hook's command, with the same ServiceAccount, while a run's pod holds a GPU

@@ -9,7 +9,7 @@ import time
 import uuid
 
 import pytest
-from infra import ControlPlane, finish_pod, kwok_annotations, wait_for_pod_phase, wait_until
+from infra import WAIT, ControlPlane, finish_pod, kwok_annotations, wait_for_pod_phase, wait_until
 from infra.kube import events_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -39,8 +39,9 @@ def gpu_pod(name: str, gpus: int, annotations: dict[str, str] | None = None) -> 
 
 def test_gpu_pod_is_scheduled_on_a_kwok_gpu_node_runs_and_succeeds(control_plane, kube_api, namespace):
     core = client.CoreV1Api(kube_api)
-    # Runs for 2 s (so Running is observable), then exits 0.
-    core.create_namespaced_pod(namespace, gpu_pod("gpu-1", 1, kwok_annotations(0, delay="2s")))
+    # Held Running until the test finishes it: a 2 s kwok delay instead made the check race a loaded machine
+    # (a poll stalled past the window saw Succeeded first).
+    core.create_namespaced_pod(namespace, gpu_pod("gpu-1", 1, kwok_annotations(0, hold=True)))
 
     running = wait_for_pod_phase(kube_api, namespace, "gpu-1", ["Running", "Succeeded"], timeout=60)
     assert running.status.phase == "Running"
@@ -55,11 +56,22 @@ def test_gpu_pod_is_scheduled_on_a_kwok_gpu_node_runs_and_succeeds(control_plane
         for e in events_for(kube_api, namespace, "gpu-1", "Pod")
     )
 
+    finish_pod(kube_api, namespace, "gpu-1", 0)
     done = wait_for_pod_phase(kube_api, namespace, "gpu-1", ["Succeeded", "Failed"], timeout=60)
     assert done.status.phase == "Succeeded"
     (status,) = done.status.container_statuses
     assert status.state.terminated.exit_code == 0
     assert status.state.terminated.reason == "Completed"
+
+
+def test_kwok_delay_keeps_a_pod_running_at_least_that_long(kube_api, namespace):
+    """`rlp.dev/kwok-delay` (tests/infra/README.md): the pod ends on its own, no sooner than the delay. A lower
+    bound on the time to Succeeded, which a slow machine cannot fail."""
+    start = time.monotonic()
+    client.CoreV1Api(kube_api).create_namespaced_pod(namespace, gpu_pod("delayed", 1, kwok_annotations(0, delay="2s")))
+    done = wait_for_pod_phase(kube_api, namespace, "delayed", ["Succeeded", "Failed"], timeout=60)
+    assert done.status.phase == "Succeeded"
+    assert time.monotonic() - start >= 2.0
 
 
 def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending(kube_api, namespace):
@@ -244,14 +256,14 @@ def test_crd_is_established_validates_and_honours_the_status_subresource(kube_ap
     bad = {"apiVersion": "test.rlp.dev/v1", "kind": "Widget", "metadata": {"name": "bad"}, "spec": {"size": 99}}
     # Discovery of a new CRD can lag Established by a moment: retry 404s only.
     def create(obj):
-        for _ in range(50):
+        deadline = time.monotonic() + WAIT
+        while True:
             try:
                 return custom.create_namespaced_custom_object(*args, obj)
             except ApiException as exc:
-                if exc.status != 404:
+                if exc.status != 404 or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        return custom.create_namespaced_custom_object(*args, obj)
 
     def rejection(obj) -> str:
         with pytest.raises(ApiException) as err:

@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from infra.kube import wait_until
+from infra.kube import WAIT, wait_until
 from operator_fixtures import RUNS_PATH, ClusterRig, raw
 
 pytestmark = pytest.mark.cluster
@@ -188,7 +188,7 @@ def test_suspend_deletes_workloads_and_resume_continues_from_the_last_complete_p
     rig.patch_run("pause", {"spec": {"suspend": True}})
     st = rig.wait_run("pause", lambda s: s.get("phase") == "Suspended", what="Suspended")
     assert next(c for c in st["conditions"] if c["type"] == "Suspended")["status"] == "True"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + WAIT
     while (job in rig.job_names("pause") or rig.pods_of(job)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert job not in rig.job_names("pause") and not rig.pods_of(job)
@@ -215,7 +215,7 @@ def test_delete_cleans_up_workloads_and_keeps_checkpoints_unless_asked(rig):
         rig.wait_pod_running(rig.wait_phase_running(run, "refine"))
     for run in ("keep", "wipe"):
         rig.custom.delete_namespaced_custom_object("rlp.dev", "v1alpha1", rig.ns, "rlpruns", run)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT
     while (rig.get_run("keep") or rig.get_run("wipe")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert rig.get_run("keep") is None and rig.get_run("wipe") is None
@@ -227,7 +227,7 @@ def test_delete_cleans_up_workloads_and_keeps_checkpoints_unless_asked(rig):
         time.sleep(0.1)
     assert rig.jobs("keep") == [] and rig.jobs("wipe") == []
     assert rig.core.list_namespaced_config_map(rig.ns, label_selector="rlp.dev/run").items == []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT
     while any(rig.pods_of(f"{r}-r1-refine-a1") for r in ("keep", "wipe")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not rig.pods_of("keep-r1-refine-a1")
@@ -239,7 +239,7 @@ def test_complete_outputs_are_reused_and_ttl_deletes_the_finished_run(rig):
     for phase in FULL:
         rig.write_manifest("reuse", phase)
     rig.create_run("reuse", rig.spec(ttlSecondsAfterFinished=1))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT
     while rig.get_run("reuse") is not None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert rig.get_run("reuse") is None, rig.status("reuse")
@@ -251,7 +251,7 @@ def test_complete_outputs_are_reused_and_ttl_deletes_the_finished_run(rig):
         reasons = rig.event_reasons("reuse")
         return reasons if {"Succeeded", "Expired"} <= set(reasons) else None
 
-    reasons = wait_until(both_posted, timeout=30, what="the run's Succeeded and Expired events")
+    reasons = wait_until(both_posted, what="the run's Succeeded and Expired events")
     assert reasons.index("Succeeded") < reasons.index("Expired"), reasons
 
 
@@ -300,7 +300,7 @@ def test_operator_works_with_exactly_its_rbac(control_plane, kube_api, namespace
             r.wait_run("least", lambda s: s.get("phase") == "Suspended")
             r.patch_run("least", {"spec": {"suspend": False}})
             job = r.wait_phase_running("least", "optimize", attempt=2)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + WAIT
             while time.monotonic() < deadline:  # both pods of the 2-node phase run
                 pods = [p for p in r.pods_of(job) if (p.get("status") or {}).get("phase") == "Running"]
                 if len(pods) == 2:
@@ -315,7 +315,7 @@ def test_operator_works_with_exactly_its_rbac(control_plane, kube_api, namespace
             r.run_phase("least", "evaluate")
             r.wait_run("least", lambda s: s.get("phase") == "Succeeded")
             r.custom.delete_namespaced_custom_object("rlp.dev", "v1alpha1", namespace, "rlpruns", "least")
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + WAIT
             while r.get_run("least") is not None and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert r.get_run("least") is None

@@ -12,8 +12,13 @@ KWOK_EXIT_CODE = "rlp.dev/kwok-exit-code"
 KWOK_HOLD = "rlp.dev/kwok-hold"
 KWOK_DELAY = "rlp.dev/kwok-delay"
 
+# How long a test waits for the cluster to reach a state. Every wait polls, so a generous deadline costs nothing
+# when things work; on a loaded 2-core CI machine one reconcile step (operator, apiserver, Job controller,
+# scheduler, kwok sharing the cores) can take seconds, and garbage collection and discovery run on 30 s cycles.
+WAIT = 120.0
 
-def wait_until(check: Callable[[], T], timeout: float = 30.0, what: str = "condition", interval: float = 0.1) -> T:
+
+def wait_until(check: Callable[[], T], timeout: float = WAIT, what: str = "condition", interval: float = 0.1) -> T:
     """Call ``check`` until it returns something truthy and return that; AssertionError on timeout."""
     deadline = time.monotonic() + timeout
     last = None
