@@ -22,7 +22,21 @@ import pytest
 # torch in every test and in every process a test starts runs 2 intra-op threads, whatever the machine's core
 # count and whichever test ran first: a training outcome depends on the thread count (reductions are split
 # differently), and the tests' bounds were measured at 1 and 2 threads (docs/bench/outcome-spread.md).
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ["OMP_NUM_THREADS"] = "2"
+
+# A distributed launcher's variables make `rlp phase` and DeepSpeed act as one rank of a bigger job (a CI runner
+# inside a torchrun or Indexed Job pod sets them; rlp_core.ppo sets them for a one-process DeepSpeed group and
+# leaves them): no test may inherit them from the machine or from a test that ran before it.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "NNODES", "NODE_RANK", "NPROC_PER_NODE", "GPUS_PER_NODE", "JOB_COMPLETION_INDEX")
+
+
+def _drop_launcher_variables() -> None:
+    for name in [*LAUNCHER_VARIABLES, *(k for k in os.environ if k.startswith("TORCHELASTIC_"))]:
+        os.environ.pop(name, None)
+
+
+_drop_launcher_variables()
 
 # tests/ on sys.path, whatever pytest's import mode: the helpers are importable as `infra`.
 _TESTS = str(Path(__file__).resolve().parent)
@@ -40,6 +54,12 @@ from infra.fixtures import (  # noqa: E402,F401 - fixtures and hooks are registe
     s3_client,
     s3_server,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_variables_after_a_test():
+    yield
+    _drop_launcher_variables()
 
 
 @pytest.fixture(scope="session")
