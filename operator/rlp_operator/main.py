@@ -13,10 +13,11 @@ from typing import Any
 
 import kopf
 
+from rlp_operator.events import EventRecorder
 from rlp_operator.kube import Kube
 from rlp_operator.logs import setup_logging
 from rlp_operator.metrics import OperatorMetrics
-from rlp_operator.reconciler import EventRecorder, Reconciler, Settings
+from rlp_operator.reconciler import Reconciler, Settings
 from rlp_operator.runtime import HealthServer, WorkQueue, build_registry
 from rlp_operator.workload import JobDefaults
 

@@ -24,9 +24,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,11 +31,12 @@ from typing import Any
 
 from rlp_core.manifest import MANIFEST_NAME, Manifest, phase_prefix, verify_manifest
 from rlp_core.provenance import Provenance, downstream, parse_phase_refs
-from rlp_core.spec import API_GROUP, API_VERSION, KIND, RLPRun, SpecError, parse_run
+from rlp_core.spec import RLPRun, SpecError, parse_run
 from rlp_core.store import Store, StoreError
 from rlp_operator import preflight
 from rlp_operator import workload as wl
 from rlp_operator.crd import LOCKED_FIELDS
+from rlp_operator.events import EventRecorder
 from rlp_operator.kube import CONFIGMAPS, EVENTS, JOBS, PODS, RUNS, SECRETS, SERVICES, Kube, KubeError
 from rlp_operator.metrics import OperatorMetrics
 from rlp_operator.status import (
@@ -48,12 +46,12 @@ from rlp_operator.status import (
     RLPRunStatus,
     fmt_time,
     parse_time,
+    trim,
     utcnow,
 )
 
 log = logging.getLogger("rlp_operator.reconciler")
 
-MAX_MESSAGE = 1024  # conditions, phase records and Events
 SHORT_MESSAGE = 120  # status.message: the MESSAGE column of `kubectl get rlp` (the full text is in conditions)
 REJECTED = (400, 413, 422)  # the apiserver refuses the object itself: retrying the same request cannot help
 
@@ -76,11 +74,6 @@ class Settings:
     def workload_check(self) -> float:
         """How often a Job whose pods do not all run yet is looked at (FailedCreate, Kueue, scheduling)."""
         return min(max(self.unschedulable_grace / 2, 0.5), 10.0)
-
-
-def _trim(text: str, limit: int = MAX_MESSAGE) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def locked_hash(run: RLPRun) -> str:
@@ -191,85 +184,6 @@ class Stores:
 
 class StorageCredentialsError(RuntimeError):
     pass
-
-
-# --------------------------------------------------------------------------------------------------
-# Events
-
-
-class EventRecorder:
-    """Posts core/v1 Events about a run (one per transition). Failures are logged, never raised.
-
-    With `background=True` events are posted in order by one background thread, so a reconcile never
-    waits on them (they are informative; at most `max_pending` wait, then new ones are dropped and logged).
-    """
-
-    def __init__(self, kube: Kube, component: str = "rlp-operator", *, background: bool = False,
-                 max_pending: int = 10000):  # fmt: skip
-        self.kube = kube
-        self.component = component
-        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
-        self._queue: queue.Queue | None = None
-        if background:
-            self._queue = queue.Queue(max_pending)
-            threading.Thread(target=self._drain, name="rlp-events", daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self._queue is not None
-        while True:
-            args = self._queue.get()
-            self._post(*args)
-
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait (briefly) until queued events are posted."""
-        deadline = time.monotonic() + timeout
-        while self._queue is not None and self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def post(self, run_body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        if self._queue is None:
-            self._post(run_body, type_, reason, message)
-            return
-        try:
-            self._queue.put_nowait((run_body, type_, reason, message))
-        except queue.Full:
-            log.warning("event queue full; dropped event %s", reason, extra={"run": run_body["metadata"]["name"]})
-
-    def _post(self, run_body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        try:
-            self._create(run_body, type_, reason, message)
-        finally:
-            if self._queue is not None:
-                self._queue.task_done()
-
-    def _create(self, run_body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        meta = run_body["metadata"]
-        now = fmt_time(utcnow())
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": _trim(message),
-            "source": {"component": self.component},
-            "reportingComponent": self.component,
-            "reportingInstance": self.instance,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            self.kube.create(EVENTS, meta["namespace"], event)
-        except Exception as e:  # an event is informative; never fail a reconcile for it
-            log.warning("could not post event %s: %s", reason, e, extra={"run": meta["name"]})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +312,7 @@ class Reconciler:
         """Ready=False with `reason`, the text as the run's message, an Event when it is news; look again
         after `retry` seconds (None: when the run changes)."""
         st = step.status
-        text = _trim(text)
+        text = trim(text)
         gen = step.body["metadata"].get("generation")
         ready = st.condition("Ready")
         news = ready is None or (ready.reason, ready.message) != (reason, text)
@@ -406,7 +320,7 @@ class Reconciler:
             step.changed = True
         if news:
             step.event(self, "Warning", reason, text)
-        short = _trim(text, SHORT_MESSAGE)
+        short = trim(text, SHORT_MESSAGE)
         if st.message != short:
             st.message = short
             step.changed = True
@@ -508,7 +422,7 @@ class Reconciler:
         try:
             summary = preflight.check_run(run, lambda uri=None: self.stores.open(run, uri))
         except preflight.PreflightFailed as e:
-            st.set_condition(preflight.CONDITION, "False", e.reason, _trim(str(e)), now, gen)
+            st.set_condition(preflight.CONDITION, "False", e.reason, trim(str(e)), now, gen)
             self._fail_run(step, e.reason, str(e))
             return False
         st.set_condition(preflight.CONDITION, "True", "PreflightPassed", summary, now, gen)
@@ -546,7 +460,7 @@ class Reconciler:
         changed = rec.state != state
         rec.state = state  # type: ignore[assignment]
         rec.reason = reason
-        rec.message = _trim(message) if message else None
+        rec.message = trim(message) if message else None
         step.changed = True
         if changed or (state == "Pending" and reason == "Planned"):  # a new record counts as entering Pending
             phase = rec.name
@@ -857,7 +771,7 @@ class Reconciler:
             reason, problem = step.problem
             text, ready = f"{where}: {problem}", ("False", reason)
             last = st.condition("Ready")
-            if last is None or (last.reason, last.message) != (reason, _trim(text)):
+            if last is None or (last.reason, last.message) != (reason, trim(text)):
                 step.event(self, "Warning", reason, text)
         if was == "Suspended":
             step.event(self, "Normal", "Resumed", f"run resumed at {current.name} (round {current.round})")
@@ -874,8 +788,8 @@ class Reconciler:
         st = step.status
         now = fmt_time(step.now)
         gen = step.body["metadata"].get("generation")
-        st.message = _trim(text, SHORT_MESSAGE)
-        message = _trim(text)
+        st.message = trim(text, SHORT_MESSAGE)
+        message = trim(text)
         for key, (status, reason) in conds.items():
             if st.set_condition(key.capitalize(), status, reason, message, now, gen):
                 step.changed = True
@@ -892,7 +806,7 @@ class Reconciler:
                          succeeded=("False", reason), failed=("True", reason))  # fmt: skip
         sus = st.condition("Suspended")
         if sus is not None and sus.status == "True":
-            st.set_condition("Suspended", "False", reason, _trim(message), fmt_time(step.now), sus.observed_generation)
+            st.set_condition("Suspended", "False", reason, trim(message), fmt_time(step.now), sus.observed_generation)
         step.changed = True
         if was != "Failed":
             step.event(self, "Warning", "Failed", f"run failed ({reason}): {message}")

@@ -20,6 +20,7 @@ PHASE_STATES: tuple[str, ...] = ("Pending", "Running", "Succeeded", "Failed", "S
 TERMINAL_RUN_STATES = ("Succeeded", "Failed")
 DONE_PHASE_STATES = ("Succeeded", "Skipped")
 CONDITION_TYPES = ("Ready", "Validated", "Running", "Succeeded", "Failed", "Suspended")
+MAX_MESSAGE = 1024  # conditions, phase records and Events
 
 
 class _StatusModel(BaseModel):
@@ -133,3 +134,9 @@ def parse_time(s: str | None) -> dt.datetime | None:
     if not s:
         return None
     return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def trim(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` on one line (runs of whitespace folded), cut to `limit` characters with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
