@@ -13,9 +13,10 @@ from rlp_core.manifest import Manifest, ManifestFile, phase_prefix, write_manife
 from rlp_core.spec import RLPRun
 from rlp_core.store import Store
 from rlp_operator import workload as wl
+from rlp_operator.jobs import job_outcome
 from rlp_operator.kube import CONFIGMAPS, JOBS, PODS, RUNS, SERVICES, KubeError
 from rlp_operator.metrics import OperatorMetrics
-from rlp_operator.reconciler import Reconciler, Settings, job_outcome
+from rlp_operator.reconciler import Reconciler, Settings
 from rlp_operator.status import RLPRunStatus
 
 FULL = ["generate", "refine", "synthesize", "optimize", "evaluate"]

@@ -34,6 +34,7 @@ from rlp_operator import preflight
 from rlp_operator import workload as wl
 from rlp_operator.crd import LOCKED_FIELDS
 from rlp_operator.events import EventRecorder
+from rlp_operator.jobs import create_or_get, job_outcome, owned_by
 from rlp_operator.kube import CONFIGMAPS, EVENTS, JOBS, PODS, RUNS, SERVICES, Kube, KubeError
 from rlp_operator.metrics import OperatorMetrics
 from rlp_operator.status import (
@@ -81,30 +82,6 @@ def locked_hash(run: RLPRun) -> str:
     return hashlib.sha256(json.dumps(locked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def job_outcome(job: dict[str, Any]) -> tuple[str, str, str, dt.datetime | None]:
-    """('active'|'succeeded'|'failed', reason, message, finished time) of a Job.
-
-    Success is taken from `SuccessCriteriaMet` already (every index succeeded; the Job controller adds
-    `Complete` later, once it has cleaned up, which lags by seconds to minutes on a busy controller).
-    Failure only from `Failed`: after `FailureTarget` pods may still be terminating, and the next attempt
-    must not overlap them.
-    """
-    status = job.get("status") or {}
-    for cond in status.get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        when = parse_time(cond.get("lastTransitionTime"))
-        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
-            return "succeeded", "Complete", cond.get("message", ""), parse_time(status.get("completionTime")) or when
-        if cond.get("type") == "Failed":
-            return "failed", cond.get("reason") or "Failed", cond.get("message") or "", when
-    return "active", "", "", None
-
-
-def _owned_by(obj: dict[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -141,18 +118,6 @@ class _Step:
         seconds = max(seconds, 0.05)
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
-
-
-def create_or_get(kube, collection: str, ns: str, body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
-    """Create `body`; on AlreadyExists read the existing object instead (creates stay idempotent across
-    operator restarts). Returns (created, existing); existing is None when created, or when it vanished."""
-    try:
-        kube.create(collection, ns, body)
-        return True, None
-    except KubeError as e:
-        if not e.conflict:
-            raise
-    return False, kube.get(collection, ns, body["metadata"]["name"])
 
 class Reconciler:
     def __init__(
@@ -389,7 +354,7 @@ class Reconciler:
         """Look at the current attempt's Job. True when the record left Running (look again at once)."""
         ns = run.metadata.namespace
         job = self.kube.get(JOBS, ns, rec.job) if rec.job else None
-        if job is not None and not _owned_by(job, step.body["metadata"]["uid"]):
+        if job is not None and not owned_by(job, step.body["metadata"]["uid"]):
             job = None  # a Job of an earlier run with the same name, on its way out
         if job is None:
             if run.spec.suspend:
@@ -550,7 +515,7 @@ class Reconciler:
         if rec.job:
             # The previous attempt's Job must be finished before another starts (suspend, crash windows).
             old = self.kube.get(JOBS, ns, rec.job)
-            if old is not None and _owned_by(old, step.body["metadata"]["uid"]) and job_outcome(old)[0] == "active":
+            if old is not None and owned_by(old, step.body["metadata"]["uid"]) and job_outcome(old)[0] == "active":
                 if not old["metadata"].get("deletionTimestamp"):
                     self._delete_job(ns, rec.job)
                 if not run.spec.suspend:
@@ -601,7 +566,7 @@ class Reconciler:
             step.problem = ("JobRejected", f"Job {job} was refused by the apiserver: {e.message}; fix "
                             f"spec.resources, spec.phases or {wl.ANNOTATION_POD_ANNOTATIONS} and the run continues")  # fmt: skip
             return False
-        if not created and (existing is None or not _owned_by(existing, uid)):
+        if not created and (existing is None or not owned_by(existing, uid)):
             step.wake(self.settings.stale_job_requeue)  # an old run's Job of that name is being deleted
             return False
         adopted = not created
@@ -791,7 +756,7 @@ class Reconciler:
         removed = 0
         for collection in (JOBS, SERVICES, CONFIGMAPS):
             for obj in self.kube.list(collection, ns, labels=labels):
-                if _owned_by(obj, meta["uid"]) and self.kube.delete(
+                if owned_by(obj, meta["uid"]) and self.kube.delete(
                     collection, ns, obj["metadata"]["name"], propagation="Background"
                 ):
                     removed += 1
