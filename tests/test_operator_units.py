@@ -16,7 +16,8 @@ from rlp_operator import workload as wl
 from rlp_operator.jobs import job_outcome
 from rlp_operator.kube import CONFIGMAPS, JOBS, PODS, RUNS, SERVICES, KubeError
 from rlp_operator.metrics import OperatorMetrics
-from rlp_operator.reconciler import Reconciler, Settings
+from rlp_operator.reconciler import Reconciler
+from rlp_operator.settings import Settings
 from rlp_operator.status import RLPRunStatus
 
 FULL = ["generate", "refine", "synthesize", "optimize", "evaluate"]

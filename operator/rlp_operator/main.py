@@ -17,8 +17,9 @@ from rlp_operator.events import EventRecorder
 from rlp_operator.kube import Kube
 from rlp_operator.logs import setup_logging
 from rlp_operator.metrics import OperatorMetrics
-from rlp_operator.reconciler import Reconciler, Settings
+from rlp_operator.reconciler import Reconciler
 from rlp_operator.runtime import HealthServer, WorkQueue, build_registry
+from rlp_operator.settings import Settings
 from rlp_operator.workload import JobDefaults
 
 log = logging.getLogger("rlp_operator")

@@ -37,6 +37,7 @@ from rlp_operator.events import EventRecorder
 from rlp_operator.jobs import create_or_get, job_outcome, owned_by
 from rlp_operator.kube import CONFIGMAPS, EVENTS, JOBS, PODS, RUNS, SERVICES, Kube, KubeError
 from rlp_operator.metrics import OperatorMetrics
+from rlp_operator.settings import Settings
 from rlp_operator.status import (
     DONE_PHASE_STATES,
     TERMINAL_RUN_STATES,
@@ -53,26 +54,6 @@ log = logging.getLogger("rlp_operator.reconciler")
 
 SHORT_MESSAGE = 120  # status.message: the MESSAGE column of `kubectl get rlp` (the full text is in conditions)
 REJECTED = (400, 413, 422)  # the apiserver refuses the object itself: retrying the same request cannot help
-
-
-@dataclasses.dataclass
-class Settings:
-    backoff_base: float = 10.0  # seconds before the 2nd attempt; doubles per failure
-    backoff_max: float = 300.0
-    store_cache_seconds: float = 300.0
-    stale_job_requeue: float = 2.0
-    storage_retry: float = 15.0  # look again this soon when the store cannot be read
-    unschedulable_grace: float = 300.0  # a phase pod unschedulable this long is reported on the run
-    error_backoff: tuple[float, float] = (1.0, 60.0)  # retry of an unexpected reconcile error: base, cap
-
-    def backoff(self, failures: int) -> float:
-        """Wait before the attempt that follows the `failures`-th failure: base·2^(failures-1), capped."""
-        return min(self.backoff_base * (2 ** max(failures - 1, 0)), self.backoff_max)
-
-    @property
-    def workload_check(self) -> float:
-        """How often a Job whose pods do not all run yet is looked at (FailedCreate, Kueue, scheduling)."""
-        return min(max(self.unschedulable_grace / 2, 0.5), 10.0)
 
 
 def locked_hash(run: RLPRun) -> str:
