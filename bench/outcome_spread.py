@@ -35,7 +35,7 @@ REPORT = REPO / "docs" / "bench" / "outcome-spread.md"
 NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, appended to the report
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
-         "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5)}
+         "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5), "tiny-properties": range(5)}
 ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
 
 
@@ -139,9 +139,29 @@ def measure_spg_smollm2(seed: int, work: Path) -> list[dict]:
              "decided": outcome["right"] + outcome["wrong"], "decisive_accuracy": outcome["decisive_accuracy"]}]
 
 
+def measure_tiny_properties(seed: int, work: Path) -> list[dict]:
+    """Properties three tests check on untrained tiny models of the seed: tests/test_chat_models.py's pooling gap
+    (pad == EOS; transformers' pooling against ours), tests/test_ppo_details.py's count of sampled response tokens
+    up to and including EOS (of 2,048), and the policy's gradient norm in its one-update critic test (under
+    value_coef 0.01 and 1.0; the test asserts both above the clipping threshold, 0.05) with the largest difference
+    between the two updated policies (the test asserts them equal)."""
+    import torch
+    from test_chat_models import pad_eos_scores, sums_tokenizer
+    from test_ppo_details import arith_tokenizer, sample_untrained, updates_under_two_value_coefs
+
+    scores = pad_eos_scores(sums_tokenizer(), seed)
+    tokenizer = arith_tokenizer()
+    rollout = sample_untrained(tokenizer, seed)
+    (norm_small, policy_small), (norm_large, policy_large) = updates_under_two_value_coefs(tokenizer, seed)
+    return [{"pad_eos_pooling_gap": abs(scores["hf_pooled"].item() - scores["alone"].item()),
+             "special_tokens_inside": int(rollout.response_mask.sum()),
+             "policy_grad_norm_min": min(norm_small, norm_large), "policy_grad_norm_max": max(norm_small, norm_large),
+             "policy_updates_differ": float((policy_small - policy_large).abs().max())}]
+
+
 TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
            "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning,
-           "spg-smollm2": measure_spg_smollm2}
+           "spg-smollm2": measure_spg_smollm2, "tiny-properties": measure_tiny_properties}
 
 
 def child(target: str, seed: int, threads: int) -> None:
