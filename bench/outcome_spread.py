@@ -35,7 +35,8 @@ REPORT = REPO / "docs" / "bench" / "outcome-spread.md"
 NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, appended to the report
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
-         "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5), "tiny-properties": range(5)}
+         "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5), "tiny-properties": range(5),
+         "rm-curve": range(5), "pipeline": range(5)}
 ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
 
 
@@ -159,9 +160,42 @@ def measure_tiny_properties(seed: int, work: Path) -> list[dict]:
              "policy_updates_differ": float((policy_small - policy_large).abs().max())}]
 
 
+def measure_rm_curve(seed: int, work: Path) -> list[dict]:
+    """tests/test_bench_reward_learning.py's fixed-RM curve: 12 PPO steps against the fixed RM, probe points at
+    steps 4, 8, 12 (KL to the SFT policy on the probe prompts, and its gold score)."""
+    from test_bench_reward_learning import base_of, fixed_rm_curve
+
+    data, base = base_of(seed, work)
+    curve = fixed_rm_curve(work, data, base, seed)
+    return [{"kl_step4": curve[0]["kl"], "kl_step8": curve[1]["kl"], "kl_last": curve[-1]["kl"],
+             "gold_last": curve[-1]["gold"], "points": len(curve)}]
+
+
+def measure_pipeline(seed: int, work: Path) -> list[dict]:
+    """tests/test_reward_learning_pipeline.py's runs on base models of the seed: synthesize's kept prompts in the
+    `strategy: rlp` run, how many of round 1's samples round 2 did not repeat, and the distinct answers of a
+    3-samples-per-prompt evaluation."""
+    import json
+
+    from test_reward_learning_pipeline import base_models, evaluation_of_three_samples, rlp_run, two_rounds
+
+    base = base_models(work / "base", seed)
+    _, results, _ = rlp_run(work / "rlp", base, seed)
+    synth = results[(1, "synthesize")].manifest.metrics
+    *_, samples_1, samples_2 = two_rounds(work / "rounds", base, seed)
+    lines_1, lines_2 = samples_1.splitlines(), samples_2.splitlines()
+    responses = [(json.loads(a)["response"], json.loads(b)["response"]) for a, b in zip(lines_1, lines_2, strict=True)]
+    _, rows = evaluation_of_three_samples(work / "multi", base, seed)
+    return [{"prompts_kept": synth["prompts_kept"], "prompts_eligible": synth["prompts_eligible"],
+             "round_samples_changed": sum(a != b for a, b in zip(lines_1, lines_2)),
+             "round_responses_changed": sum(a != b for a, b in responses), "round_samples": len(lines_1),
+             "distinct_eval_answers": len({r["policy"] for r in rows})}]
+
+
 TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
            "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning,
-           "spg-smollm2": measure_spg_smollm2, "tiny-properties": measure_tiny_properties}
+           "spg-smollm2": measure_spg_smollm2, "tiny-properties": measure_tiny_properties,
+           "rm-curve": measure_rm_curve, "pipeline": measure_pipeline}
 
 
 def child(target: str, seed: int, threads: int) -> None:
