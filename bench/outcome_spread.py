@@ -36,7 +36,7 @@ NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
          "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5), "tiny-properties": range(5),
-         "rm-curve": range(5), "pipeline": range(5)}
+         "rm-curve": range(5), "pipeline": range(5), "smollm2-greedy": range(5), "smollm2-preferences": range(5)}
 ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
 
 
@@ -192,10 +192,64 @@ def measure_pipeline(seed: int, work: Path) -> list[dict]:
              "distinct_eval_answers": len({r["policy"] for r in rows})}]
 
 
+def greedy_min_logit_gap(model, tokenizer, rollout, word: str) -> float:
+    """The smallest lead, in logits, of the greedy token over the runner-up at each answer token up to the first
+    that completes `word` (the whole answer if none does): how far a greedy answer is from taking another path."""
+    import torch
+    from rlp_core.models import suppressed_token_ids
+
+    with torch.no_grad():
+        logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits[0].float()
+    logits[:, suppressed_token_ids(tokenizer)] = float("-inf")
+    response = rollout.response_ids[0][rollout.response_mask[0].bool()].tolist()
+    upto = next((i + 1 for i in range(len(response)) if word in tokenizer.decode(response[: i + 1])), len(response))
+    gaps = []
+    for i, token in enumerate(response[:upto]):
+        top = logits[rollout.prompt_len - 1 + i].topk(2)
+        assert top.indices[0].item() == token, (i, token, top)  # greedy took the top logit
+        gaps.append((top.values[0] - top.values[1]).item())
+    return min(gaps)
+
+
+def measure_smollm2_greedy(seed: int, work: Path) -> list[dict]:
+    """tests/test_pretrained.py's greedy SmolLM2 answer to its capital question: whether it names Paris, and the
+    smallest lead of the greedy token over the runner-up up to "Paris" (greedy, so the seed does not enter it);
+    the same for the question the test asked before, "What is the capital of France?"."""
+    from rlp_core.models import load_tokenizer
+    from rlp_core.pretrained import fetch_model
+    from test_pretrained import greedy_capital_answer
+    from transformers import AutoModelForCausalLM
+
+    smollm2 = fetch_model("smollm2")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(smollm2).eval(), load_tokenizer(smollm2)
+    rollout, answer = greedy_capital_answer(model, smollm2)
+    former, former_answer = greedy_capital_answer(model, smollm2, "What is the capital of France?")
+    return [{"paris": float("Paris" in answer),
+             "greedy_min_logit_gap": greedy_min_logit_gap(model, tokenizer, rollout, "Paris"),
+             "former_question_paris": float("Paris" in former_answer),
+             "former_question_min_logit_gap": greedy_min_logit_gap(model, tokenizer, former, "Paris")}]
+
+
+def measure_smollm2_preferences(seed: int, work: Path) -> list[dict]:
+    """tests/test_policy_preferences.py's `rlp preferences` on SmolLM2 with --seed set to the seed: how many pairs
+    (of 8 prompts), and how many the gold judge orders as labelled."""
+    import json
+
+    from rlp_core.gym_tasks import gold_judge
+    from test_policy_preferences import SMOLLM2_JUDGE, smollm2_preferences
+
+    pairs = [json.loads(line) for line in smollm2_preferences(work, seed)]
+    gold = gold_judge(SMOLLM2_JUDGE)
+    return [{"preference_pairs": len(pairs),
+             "preference_pairs_gold_agree": sum(gold(p["prompt"], p["chosen"]) > gold(p["prompt"], p["rejected"])
+                                                for p in pairs)}]
+
+
 TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
            "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning,
            "spg-smollm2": measure_spg_smollm2, "tiny-properties": measure_tiny_properties,
-           "rm-curve": measure_rm_curve, "pipeline": measure_pipeline}
+           "rm-curve": measure_rm_curve, "pipeline": measure_pipeline, "smollm2-greedy": measure_smollm2_greedy,
+           "smollm2-preferences": measure_smollm2_preferences}
 
 
 def child(target: str, seed: int, threads: int) -> None:

@@ -50,16 +50,38 @@ def test_system_prompt_of_smollm2(smollm2):
     assert [a - b for a, b in zip(n_default, n_empty)] == [21] * 5 and [a - b for a, b in zip(n_own, n_empty)] == [10] * 5
 
 
+CAPITAL_QUESTION = "What is the capital of France? Answer with just the name."
+
+
+def greedy_capital_answer(model, smollm2, question: str = CAPITAL_QUESTION):
+    """The model's greedy answer (8 new tokens, chat template applied) to `question`: (rollout, text). Greedy
+    decoding draws no random number, so no seed enters it."""
+    rollout = sample_responses(model, load_tokenizer(smollm2), [question], max_new_tokens=8, do_sample=False)
+    return rollout, decode_responses(load_tokenizer(smollm2), rollout)[0]
+
+
 def test_converted_model_loads_with_plain_transformers(smollm2):
+    """The converted model loads with plain transformers, has SmolLM2-135M's size and pad == EOS, and answers a
+    question as a working chat model would.
+
+    The answer is greedy, so the seed does not enter it; only the arithmetic (thread count, CPU) could change it,
+    by flipping a token whose lead over the runner-up is within a rounding difference. Measured
+    (docs/bench/outcome-spread.md, "smollm2-greedy"; seeds 0-4 at 1 and 2 threads, 10 runs): "The capital of
+    France is Paris." in every run, and at each of its tokens up to "Paris" the greedy token led the runner-up by
+    at least 1.568 logits (`greedy_min_logit_gap`, the same to the bit in every run). The question this test
+    asked before, "What is the capital of France?", got the same answer, but its first token led by only 0.082
+    ("The" against "L"; greedy after "L" answers "L'Étoile, la Mar", without Paris), so the question now asks
+    for just the name. A model converted wrongly (weights transposed or misnamed, template not applied)
+    answers something else.
+    """
     tok, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2)
     assert model.config.model_type == "llama"
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert tok.pad_token_id == tok.eos_token_id == model.generation_config.eos_token_id  # pad == EOS
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>" and tok.chat_template
     assert stop_token_ids(model, load_tokenizer(smollm2)) == [tok.eos_token_id]
-    rollout = sample_responses(model, load_tokenizer(smollm2), ["What is the capital of France?"], max_new_tokens=8,
-                               do_sample=False)
-    assert "Paris" in decode_responses(load_tokenizer(smollm2), rollout)[0]  # a working chat model, template applied
+    _, answer = greedy_capital_answer(model, smollm2)
+    assert "Paris" in answer  # a working chat model, template applied
 
 
 def test_reward_model_from_the_backbone_scores_the_last_real_token(smollm2):
