@@ -36,7 +36,8 @@ NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
          "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5), "tiny-properties": range(5),
-         "rm-curve": range(5), "pipeline": range(5), "smollm2-greedy": range(5), "smollm2-preferences": range(5)}
+         "rm-curve": range(5), "pipeline": range(5), "quickstart-grpo": range(5), "smollm2-greedy": range(5),
+         "smollm2-preferences": range(5)}
 ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
 
 
@@ -244,11 +245,24 @@ def measure_smollm2_preferences(seed: int, work: Path) -> list[dict]:
                                                 for p in pairs)}]
 
 
+def measure_quickstart_grpo(seed: int, work: Path) -> list[dict]:
+    """tests/test_run_local.py's quickstart with `algorithm: grpo`, killed in optimize and resumed: the optimize
+    phase's share of groups with all-equal scores (mean over steps) and its rollouts' gold."""
+    from test_run_local import grpo_quickstart_killed_and_resumed
+
+    start = time.monotonic()
+    _, _, after = grpo_quickstart_killed_and_resumed(work, seed)
+    m = after["round-1/optimize"]["metrics"]
+    return [{"zero_signal_groups_mean": m["zero_signal_groups_mean"], "gold_mean_first": m["gold_mean_first"],
+             "gold_mean_last": m["gold_mean_last"], "resumed_from_step": m["resumed_from_step"],
+             "wall_s": round(time.monotonic() - start, 1)}]
+
+
 TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
            "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning,
            "spg-smollm2": measure_spg_smollm2, "tiny-properties": measure_tiny_properties,
-           "rm-curve": measure_rm_curve, "pipeline": measure_pipeline, "smollm2-greedy": measure_smollm2_greedy,
-           "smollm2-preferences": measure_smollm2_preferences}
+           "rm-curve": measure_rm_curve, "pipeline": measure_pipeline, "quickstart-grpo": measure_quickstart_grpo,
+           "smollm2-greedy": measure_smollm2_greedy, "smollm2-preferences": measure_smollm2_preferences}
 
 
 def child(target: str, seed: int, threads: int) -> None:

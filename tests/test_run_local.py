@@ -128,6 +128,17 @@ def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp
     assert on_training["ci_low"] > 0.5, on_training
 
 
+def grpo_quickstart_killed_and_resumed(tmp_path: Path, seed: int = 0):
+    """The quickstart with `algorithm: grpo` (and spec.seed `seed`), killed in optimize and rerun."""
+    import yaml
+
+    doc = yaml.safe_load(QUICKSTART.read_text().replace("algorithm: ppo", "algorithm: grpo"))
+    doc["spec"]["seed"] = seed
+    spec = tmp_path / "grpo.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    return run_killed_during_optimize(tmp_path, spec)
+
+
 @pytest.mark.slow
 def test_quickstart_with_grpo_trains_without_a_critic_and_resumes_after_a_kill(tmp_path):
     """The quickstart with only `algorithm: grpo` changed runs critic-free and resumes after a kill.
@@ -135,10 +146,15 @@ def test_quickstart_with_grpo_trains_without_a_critic_and_resumes_after_a_kill(t
     What GRPO learns is asserted where the reward is exact, in tests/test_policy_optimization.py. Here no
     outcome is: at the quickstart's PPO-tuned settings GRPO's gold score does not reliably rise (CI on another
     CPU saw the rollouts' gold 0.632 at the first step and 0.618 over the last five) and its held-out
-    win-rate ends below its start (README, "Critic-free optimisation")."""
-    spec = tmp_path / "grpo.yaml"
-    spec.write_text(QUICKSTART.read_text().replace("algorithm: ppo", "algorithm: grpo"))
-    _, _, after = run_killed_during_optimize(tmp_path, spec)
+    win-rate ends below its start (README, "Critic-free optimisation").
+
+    The one outcome bounded is that not every group of 8 samples was tied for the whole run (a zero advantage
+    everywhere, so no policy gradient): measured (docs/bench/outcome-spread.md, "quickstart-grpo",
+    `zero_signal_groups_mean`, the share of tied groups averaged over the 60 steps; spec.seed 0-4 at 1 and 2
+    threads, 10 runs of this recipe, kill and resume included, the same to the bit at both thread counts):
+    0.092-0.217. The bound, under 1, sits far above the largest share seen; a reward that scores every sample of
+    a prompt alike gives 1."""
+    _, _, after = grpo_quickstart_killed_and_resumed(tmp_path)
     optimize = after["round-1/optimize"]["metrics"]
     assert optimize["algorithm"] == "grpo" and optimize["value_init"] is None  # no critic was loaded
     assert 0 <= optimize["zero_signal_groups_mean"] < 1
