@@ -165,8 +165,10 @@ def test_reward_model_with_pad_equal_to_eos_scores_the_eos_by_position(tokenizer
         alone = reward_scores(rm, torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))
         hf_pooled = rm(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, len(short), dtype=torch.long)).logits
         hidden = rm.model(input_ids=torch.tensor([short])).last_hidden_state
-    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(alone[0], rm.score(hidden[0, -1]).squeeze(-1), atol=1e-5, rtol=0)  # the EOS itself
+    # Equal up to fp32 summation order, which differs with the batch's shape and the CPU's kernels; the pooling
+    # that reads the wrong token is off by about 0.17 here, far outside these bounds.
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone[0], rm.score(hidden[0, -1]).squeeze(-1), atol=1e-4, rtol=1e-4)  # the EOS itself
     assert abs(hf_pooled.item() - alone.item()) > 1e-4  # transformers' pooling reads another token here
 
 
