@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,14 @@ from rlp_operator.kube import KubeError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class FakeKube:
-    """Objects by (collection template, namespace, name); collections are the kube.py path templates."""
+    """Objects by (collection template, namespace, name); collections are the kube.py path templates.
 
-    def __init__(self) -> None:
+    Timestamps come from ``clock``, the reconciler's own (fake) clock: the ages and durations it computes
+    from them then do not depend on today's date."""
+
+    def __init__(self, clock: Callable[[], dt.datetime]) -> None:
+        self.clock = clock
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._rv = itertools.count(1)
         self.calls: list[tuple[str, str, str]] = []
@@ -49,6 +50,9 @@ class FakeKube:
         exc = self.fail_next.pop((verb, collection), None)
         if exc is not None:
             raise exc
+
+    def _now(self) -> str:
+        return self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def _stamp(self, obj: dict[str, Any]) -> None:
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
@@ -79,7 +83,7 @@ class FakeKube:
             raise KubeError(409, "AlreadyExists", f"{meta['name']} already exists")
         meta.setdefault("namespace", ns)
         meta["uid"] = str(uuid.uuid4())
-        meta["creationTimestamp"] = _now()
+        meta["creationTimestamp"] = self._now()
         meta.setdefault("generation", 1)
         self._stamp(body)
         self.objects[key] = body
@@ -155,7 +159,7 @@ class FakeKube:
         if uid and obj["metadata"]["uid"] != uid:
             raise KubeError(409, "Conflict", "uid precondition failed")
         if obj["metadata"].get("finalizers"):
-            obj["metadata"].setdefault("deletionTimestamp", _now())
+            obj["metadata"].setdefault("deletionTimestamp", self._now())
             self._stamp(obj)
             return True
         del self.objects[(collection, ns, name)]
