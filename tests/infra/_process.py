@@ -141,6 +141,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None when it is gone.
+    A pid and its start time name one process: a recycled pid has a later start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])  # fields 3.. follow the parenthesised command name
+
+
 def _kill_group(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
@@ -175,32 +185,35 @@ def reap_leftovers(base: Path | None = None) -> None:
         owner = int(state.get("owner_pid", 0))
         if owner and _pid_alive(owner):
             continue
-        for pgid in state.get("pgids", []):
-            _kill_group(int(pgid), signal.SIGKILL)
+        for pgid, started in state.get("groups", []):
+            if _start_time(pgid) == started:  # still the leader we started, not a process that got its pid since
+                _kill_group(pgid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Workdir:
-    """A private temporary directory that records the process groups started in it."""
+    """A private temporary directory that records the process groups started in it (each leader's pid with
+    its start time)."""
 
     def __init__(self, kind: str):
         self.path = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{kind}-{os.getpid()}-"))
-        self._pgids: list[int] = []
+        self._groups: dict[int, int] = {}  # pgid -> start time of its leader
         self._save()
 
     def _save(self) -> None:
         tmp = self.path / (_STATE_FILE + ".tmp")
-        state = {"owner_pid": os.getpid(), "pid_namespace": _pid_namespace(), "pgids": self._pgids}
+        state = {"owner_pid": os.getpid(), "pid_namespace": _pid_namespace(), "groups": list(self._groups.items())}
         tmp.write_text(json.dumps(state))
         tmp.replace(self.path / _STATE_FILE)
 
     def record(self, pgid: int) -> None:
-        self._pgids.append(pgid)
-        self._save()
+        started = _start_time(pgid)
+        if started is not None:  # None: it is gone already, nothing to reap
+            self._groups[pgid] = started
+            self._save()
 
     def forget(self, pgid: int) -> None:
-        if pgid in self._pgids:
-            self._pgids.remove(pgid)
+        if self._groups.pop(pgid, None) is not None:
             self._save()
 
     def remove(self) -> None:
