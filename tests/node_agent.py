@@ -474,7 +474,7 @@ class NodeAgent:
         log.info("started %s/%s (pid %d): %s", run.namespace, run.name, run.popen.pid, shown)
         try:
             self._patch_status(run, self._running_status(pod, run))
-        except ApiError as err:
+        except (ApiError, OSError) as err:  # the pod is in self.runs now: whatever happens, start its _wait
             log.warning("could not report %s/%s Running: %s", run.namespace, run.name, err)
         threading.Thread(target=self._wait, args=(run,), name=f"pod-{run.name}", daemon=True).start()
 
@@ -647,6 +647,22 @@ class NodeAgent:
                       "containerID": f"rlp-node-agent://{run.popen.pid}"}  # fmt: skip
         if run.exit_code != 0 and run.fallback_to_logs:
             terminated["message"] = _log_tail(run.log_path)
+        try:
+            # Nothing reports this pod's end but this thread: an apiserver hiccup (a 5xx, a reset or timed-out
+            # connection on a loaded machine) is retried, or the pod would stay Running forever.
+            for attempt in range(5):
+                try:
+                    self._report_finished(run, terminated)
+                    break
+                except (ApiError, OSError) as err:
+                    log.warning("could not report %s/%s finished (try %d): %s", run.namespace, run.name, attempt + 1,
+                                err)
+                    if self._stop.wait(0.5 * 2**attempt):
+                        break
+        finally:
+            run.finished.set()
+
+    def _report_finished(self, run: _PodRun, terminated: dict[str, Any]) -> None:
         pod = self.api.get(run.path) if not self._stop.is_set() else None
         if pod is not None and pod["metadata"]["uid"] == run.uid:
             status = {
@@ -654,13 +670,9 @@ class NodeAgent:
                 "conditions": self._conditions_for(pod, False, "PodCompleted" if run.exit_code == 0 else "PodFailed"),
                 "containerStatuses": [self._container_status(run, {"terminated": terminated}, False)],
             }
-            try:
-                self._patch_status(run, status)
-            except ApiError as err:
-                log.warning("could not report %s/%s finished: %s", run.namespace, run.name, err)
+            self._patch_status(run, status)
             if run.terminating or pod["metadata"].get("deletionTimestamp"):
                 self._force_delete(run.namespace, run.name, run.uid)
-        run.finished.set()
 
     def _terminate(self, run: _PodRun, grace: float) -> None:
         self._signal(run, signal.SIGTERM)
