@@ -233,6 +233,13 @@ def _child_setup() -> None:  # runs in the child between fork and exec
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# Servers get this much of the test process's environment, not all of it: etcd exits when an ETCD_* variable
+# shadows one of its flags, versitygw opens extra ports for VGW_* variables, and a proxy variable would catch
+# their calls to each other on 127.0.0.1 (NO_PROXY keeps those direct should a proxy be configured another way).
+_SERVER_ENV = ("PATH", "HOME", "TMPDIR", "LANG")
+_LOOPBACK = "127.0.0.1,localhost"
+
+
 class Process:
     """One server process, in its own process group, logging to a file."""
 
@@ -246,7 +253,8 @@ class Process:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Process":
-        env = dict(os.environ)
+        env = {name: os.environ[name] for name in _SERVER_ENV if name in os.environ}
+        env.update(NO_PROXY=_LOOPBACK, no_proxy=_LOOPBACK)
         if self._env:
             env.update(self._env)
         with open(self.log_path, "ab") as log:
