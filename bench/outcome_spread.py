@@ -35,7 +35,8 @@ REPORT = REPO / "docs" / "bench" / "outcome-spread.md"
 NOTES = REPO / "docs" / "bench" / "outcome-spread-notes.md"  # written by hand, appended to the report
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 SEEDS = {"quickstart": range(8), "trainers": range(10), "user-reward": range(10), "mib": range(5),
-         "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5)}
+         "pretrained-ppo": range(5), "reward-learning": range(5), "spg-smollm2": range(5), "tiny-properties": range(5),
+         "rm-curve": range(5), "pipeline": range(5), "smollm2-greedy": range(5), "smollm2-preferences": range(5)}
 ALGORITHMS = ("ppo", "apa", "grpo", "rloo")
 
 
@@ -108,15 +109,14 @@ def measure_mib(seed: int, work: Path) -> list[dict]:
 
 
 def measure_pretrained_ppo(seed: int, work: Path) -> list[dict]:
-    """tests/test_pretrained.py's 5 LoRA PPO steps of SmolLM2 with the gold reward (8 rollouts a step)."""
+    """tests/test_pretrained.py's 8 LoRA PPO steps of SmolLM2 with the last-number gold reward (16 rollouts a
+    step): the gold accuracy on its 4 questions (24 samples each) before and after, and the KL reached."""
     from rlp_core.pretrained import fetch_model
     from test_pretrained import lora_ppo
 
     *_, before, after, history = lora_ppo(fetch_model("smollm2"), seed)
-    gold = [h["gold_mean"] for h in history]
-    return [{"logp_answer_gain": after - before, "gold_first": gold[0], "gold_last": gold[-1],
-             "gold_last_minus_first": gold[-1] - gold[0],
-             "gold_last2_minus_first2": (gold[-1] + gold[-2] - gold[0] - gold[1]) / 2}]
+    return [{"gold_before": before, "gold_after": after, "gold_gain": after - before, "kl_last": history[-1]["kl"],
+             "gold_first_step": history[0]["gold_mean"], "gold_last_step": history[-1]["gold_mean"]}]
 
 
 def measure_reward_learning(seed: int, work: Path) -> list[dict]:
@@ -139,9 +139,116 @@ def measure_spg_smollm2(seed: int, work: Path) -> list[dict]:
              "decided": outcome["right"] + outcome["wrong"], "decisive_accuracy": outcome["decisive_accuracy"]}]
 
 
+def measure_tiny_properties(seed: int, work: Path) -> list[dict]:
+    """Properties three tests check on untrained tiny models of the seed: tests/test_chat_models.py's pooling gap
+    (pad == EOS; transformers' pooling against ours), tests/test_ppo_details.py's count of sampled response tokens
+    up to and including EOS (of 2,048), and the policy's gradient norm in its one-update critic test (under
+    value_coef 0.01 and 1.0; the test asserts both above the clipping threshold, 0.05) with the largest difference
+    between the two updated policies (the test asserts them equal)."""
+    import torch
+    from test_chat_models import pad_eos_scores, sums_tokenizer
+    from test_ppo_details import arith_tokenizer, sample_untrained, updates_under_two_value_coefs
+
+    scores = pad_eos_scores(sums_tokenizer(), seed)
+    tokenizer = arith_tokenizer()
+    rollout = sample_untrained(tokenizer, seed)
+    (norm_small, policy_small), (norm_large, policy_large) = updates_under_two_value_coefs(tokenizer, seed)
+    return [{"pad_eos_pooling_gap": abs(scores["hf_pooled"].item() - scores["alone"].item()),
+             "special_tokens_inside": int(rollout.response_mask.sum()),
+             "policy_grad_norm_min": min(norm_small, norm_large), "policy_grad_norm_max": max(norm_small, norm_large),
+             "policy_updates_differ": float((policy_small - policy_large).abs().max())}]
+
+
+def measure_rm_curve(seed: int, work: Path) -> list[dict]:
+    """tests/test_bench_reward_learning.py's fixed-RM curve: 12 PPO steps against the fixed RM, probe points at
+    steps 4, 8, 12 (KL to the SFT policy on the probe prompts, and its gold score)."""
+    from test_bench_reward_learning import base_of, fixed_rm_curve
+
+    data, base = base_of(seed, work)
+    curve = fixed_rm_curve(work, data, base, seed)
+    return [{"kl_step4": curve[0]["kl"], "kl_step8": curve[1]["kl"], "kl_last": curve[-1]["kl"],
+             "gold_last": curve[-1]["gold"], "points": len(curve)}]
+
+
+def measure_pipeline(seed: int, work: Path) -> list[dict]:
+    """tests/test_reward_learning_pipeline.py's runs on base models of the seed: synthesize's kept prompts in the
+    `strategy: rlp` run, how many of round 1's samples round 2 did not repeat, and the distinct answers of a
+    3-samples-per-prompt evaluation."""
+    import json
+
+    from test_reward_learning_pipeline import base_models, evaluation_of_three_samples, rlp_run, two_rounds
+
+    base = base_models(work / "base", seed)
+    _, results, _ = rlp_run(work / "rlp", base, seed)
+    synth = results[(1, "synthesize")].manifest.metrics
+    *_, samples_1, samples_2 = two_rounds(work / "rounds", base, seed)
+    lines_1, lines_2 = samples_1.splitlines(), samples_2.splitlines()
+    responses = [(json.loads(a)["response"], json.loads(b)["response"]) for a, b in zip(lines_1, lines_2, strict=True)]
+    _, rows = evaluation_of_three_samples(work / "multi", base, seed)
+    return [{"prompts_kept": synth["prompts_kept"], "prompts_eligible": synth["prompts_eligible"],
+             "round_samples_changed": sum(a != b for a, b in zip(lines_1, lines_2)),
+             "round_responses_changed": sum(a != b for a, b in responses), "round_samples": len(lines_1),
+             "distinct_eval_answers": len({r["policy"] for r in rows})}]
+
+
+def greedy_min_logit_gap(model, tokenizer, rollout, word: str) -> float:
+    """The smallest lead, in logits, of the greedy token over the runner-up at each answer token up to the first
+    that completes `word` (the whole answer if none does): how far a greedy answer is from taking another path."""
+    import torch
+    from rlp_core.models import suppressed_token_ids
+
+    with torch.no_grad():
+        logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits[0].float()
+    logits[:, suppressed_token_ids(tokenizer)] = float("-inf")
+    response = rollout.response_ids[0][rollout.response_mask[0].bool()].tolist()
+    upto = next((i + 1 for i in range(len(response)) if word in tokenizer.decode(response[: i + 1])), len(response))
+    gaps = []
+    for i, token in enumerate(response[:upto]):
+        top = logits[rollout.prompt_len - 1 + i].topk(2)
+        assert top.indices[0].item() == token, (i, token, top)  # greedy took the top logit
+        gaps.append((top.values[0] - top.values[1]).item())
+    return min(gaps)
+
+
+def measure_smollm2_greedy(seed: int, work: Path) -> list[dict]:
+    """tests/test_pretrained.py's greedy SmolLM2 answer to its capital question: whether it names Paris, and the
+    smallest lead of the greedy token over the runner-up up to "Paris" (greedy, so the seed does not enter it);
+    the same for the question the test asked before, "What is the capital of France?"."""
+    from rlp_core.models import load_tokenizer
+    from rlp_core.pretrained import fetch_model
+    from test_pretrained import greedy_capital_answer
+    from transformers import AutoModelForCausalLM
+
+    smollm2 = fetch_model("smollm2")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(smollm2).eval(), load_tokenizer(smollm2)
+    rollout, answer = greedy_capital_answer(model, smollm2)
+    former, former_answer = greedy_capital_answer(model, smollm2, "What is the capital of France?")
+    return [{"paris": float("Paris" in answer),
+             "greedy_min_logit_gap": greedy_min_logit_gap(model, tokenizer, rollout, "Paris"),
+             "former_question_paris": float("Paris" in former_answer),
+             "former_question_min_logit_gap": greedy_min_logit_gap(model, tokenizer, former, "Paris")}]
+
+
+def measure_smollm2_preferences(seed: int, work: Path) -> list[dict]:
+    """tests/test_policy_preferences.py's `rlp preferences` on SmolLM2 with --seed set to the seed: how many pairs
+    (of 8 prompts), and how many the gold judge orders as labelled."""
+    import json
+
+    from rlp_core.gym_tasks import gold_judge
+    from test_policy_preferences import SMOLLM2_JUDGE, smollm2_preferences
+
+    pairs = [json.loads(line) for line in smollm2_preferences(work, seed)]
+    gold = gold_judge(SMOLLM2_JUDGE)
+    return [{"preference_pairs": len(pairs),
+             "preference_pairs_gold_agree": sum(gold(p["prompt"], p["chosen"]) > gold(p["prompt"], p["rejected"])
+                                                for p in pairs)}]
+
+
 TARGETS = {"quickstart": measure_quickstart, "trainers": measure_trainers, "user-reward": measure_user_reward,
            "mib": measure_mib, "pretrained-ppo": measure_pretrained_ppo, "reward-learning": measure_reward_learning,
-           "spg-smollm2": measure_spg_smollm2}
+           "spg-smollm2": measure_spg_smollm2, "tiny-properties": measure_tiny_properties,
+           "rm-curve": measure_rm_curve, "pipeline": measure_pipeline, "smollm2-greedy": measure_smollm2_greedy,
+           "smollm2-preferences": measure_smollm2_preferences}
 
 
 def child(target: str, seed: int, threads: int) -> None:

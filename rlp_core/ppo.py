@@ -19,11 +19,12 @@ phase resumes from the latest one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -136,16 +137,32 @@ def deepspeed_wanted(setting: str) -> bool:
     return torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _single_process_rendezvous() -> None:
-    """Outside torchrun, give DeepSpeed a one-process group on loopback instead of MPI discovery."""
+@contextlib.contextmanager
+def _single_process_rendezvous() -> Iterator[None]:
+    """Outside torchrun, give DeepSpeed a one-process group on loopback instead of MPI discovery.
+
+    The launcher variables are set only while DeepSpeed forms its group and are removed after: left in
+    `os.environ` they would make every later subprocess (a torchrun launch among them) think it is rank 0 of an
+    existing world."""
     if "WORLD_SIZE" in os.environ:
+        yield
         return
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    launcher = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saved = {k: os.environ.get(k) for k in launcher}
+    os.environ.update(launcher)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass
@@ -215,12 +232,11 @@ class PPOTrainer:
         self.module = _PolicyAndValue(self.policy, self.value_model)
         updates_per_step = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size)
         use_deepspeed = deepspeed_wanted(cfg.deepspeed.enabled)
-        if use_deepspeed:
-            _single_process_rendezvous()
-        self.trained = {"policy": self._optimised(self.policy, cfg.learning_rate, updates_per_step, use_deepspeed)}
-        if self.value_model is not None:
-            self.trained["value"] = self._optimised(self.value_model, cfg.value_learning_rate or cfg.learning_rate,
-                                                    updates_per_step, use_deepspeed)
+        with _single_process_rendezvous() if use_deepspeed else contextlib.nullcontext():
+            self.trained = {"policy": self._optimised(self.policy, cfg.learning_rate, updates_per_step, use_deepspeed)}
+            if self.value_model is not None:
+                self.trained["value"] = self._optimised(self.value_model, cfg.value_learning_rate or cfg.learning_rate,
+                                                        updates_per_step, use_deepspeed)
 
     def _optimised(self, model: nn.Module, lr: float, updates_per_step: int, use_deepspeed: bool) -> OptimisedModel:
         cfg = self.config

@@ -30,8 +30,8 @@ os.environ["OMP_NUM_THREADS"] = "2"
 os.environ["PYTHONUTF8"] = "1"
 
 # A distributed launcher's variables make `rlp phase` and DeepSpeed act as one rank of a bigger job (a CI runner
-# inside a torchrun or Indexed Job pod sets them; rlp_core.ppo sets them for a one-process DeepSpeed group and
-# leaves them): no test may inherit them from the machine or from a test that ran before it.
+# inside a torchrun or Indexed Job pod sets them): no test may inherit them from the machine or from a test that ran
+# before it.
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                       "NNODES", "NODE_RANK", "NPROC_PER_NODE", "GPUS_PER_NODE", "JOB_COMPLETION_INDEX")
 
@@ -42,6 +42,16 @@ def _drop_launcher_variables() -> None:
 
 
 _drop_launcher_variables()
+
+# Every server a test talks to is on loopback: a proxy set on the machine must not see those calls (Python's urllib,
+# requests and boto3 follow http_proxy for 127.0.0.1 unless no_proxy names it; children inherit the setting).
+for _name in ("NO_PROXY", "no_proxy"):
+    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name, ""), "127.0.0.1,localhost,::1"]))
+
+# Hugging Face settings of the machine (offline mode, a token, a mirror) would change what test_hub's local stand-in
+# Hub is asked, or stop huggingface_hub asking it at all. Dropped before huggingface_hub reads them at import.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_ENDPOINT"):
+    os.environ.pop(_name, None)
 
 # tests/ on sys.path, whatever pytest's import mode: the helpers are importable as `infra`.
 _TESTS = str(Path(__file__).resolve().parent)

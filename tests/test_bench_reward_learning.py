@@ -100,17 +100,31 @@ def test_ppo_with_the_gold_reward_raises_the_gold_score(bench):
     assert last > first + 0.08, (first, last)
 
 
+def fixed_rm_curve(work: Path, data: dict, base: dict, seed: int) -> list[dict]:
+    """12 PPO steps against the fixed RM with a probe point every 4 (gold, KL to SFT, hack rate, RM accuracy)."""
+    spec = spec_for(SETTING, data, seed, "none", {}, 1, base)
+    recorder = CurveRecorder(SETTING, base, read_prompts(data["probe"]), seed, SETTING.steps, work, "fixed")
+    execute(spec, "fixed", work, {"optimize"}, step_callback=recorder)
+    return recorder.curve
+
+
 @pytest.mark.slow
 def test_the_fixed_rm_curve_is_recorded_against_kl(bench):
+    """The optimize phase's step callback records a probe point every 4 steps, each with its gold score, KL to
+    the SFT policy, hack rate and RM accuracy, and the policy has moved from SFT by the last one.
+
+    Measured (docs/bench/outcome-spread.md, "rm-curve", `kl_last`; seeds 0-4 at 1 and 2 threads, 10 runs, the
+    same to the bit at both thread counts, each with the SFT policy and RM of its seed): the probe's KL at step
+    12 0.077-0.729 (it is not monotone: seed 4 had 0.143 at step 8). The bound, 0.01, sits 7.7 times under the
+    smallest seen; a policy that PPO left where it started (no step taken, or a learning rate of 0) has KL 0.
+    """
     work, data, base = bench
-    spec = spec_for(SETTING, data, 0, "none", {}, 1, base)
-    recorder = CurveRecorder(SETTING, base, read_prompts(data["probe"]), 0, SETTING.steps, work, "fixed")
-    execute(spec, "fixed", work, {"optimize"}, step_callback=recorder)
-    assert [p["step"] for p in recorder.curve] == [4, 8, 12]
-    for point in recorder.curve:
+    curve = fixed_rm_curve(work, data, base, 0)
+    assert [p["step"] for p in curve] == [4, 8, 12]
+    for point in curve:
         assert {"gold", "kl", "hack_rate", "rm_accuracy", "proxy_reward"} <= point.keys()
         assert 0 <= point["gold"] <= 1 and 0 <= point["hack_rate"] <= 1 and 0 <= point["rm_accuracy"] <= 1
-    assert recorder.curve[-1]["kl"] > 0.01  # the policy moved away from SFT
+    assert curve[-1]["kl"] > 0.01  # the policy moved away from SFT
 
 
 @pytest.mark.slow

@@ -24,12 +24,16 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% end
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+2="}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def sums_tokenizer():
     texts = [f"{a}+{b}={a + b}" for a in range(10) for b in range(10)] + ["<|user|>", "<|assistant|>", "<|system|>"]
     tok = train_tokenizer(texts, 64)
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>"]})
     return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return sums_tokenizer()
 
 
 def rows(*docs):
@@ -144,10 +148,10 @@ def test_the_context_checks_rendered_prompts_of_a_pretrained_policy(chat_model_d
         ctx.check_fits(load_tokenizer(chat_model_dir), ["1+2="], 8, "generation.maxNewTokens", "spec.prompts")
 
 
-def test_reward_model_with_pad_equal_to_eos_scores_the_eos_by_position(tokenizer):
-    """Two rows that differ only in padding get one score; with pad == EOS transformers' own pooling would
-    skip the response's EOS (and a response of EOS tokens entirely)."""
-    torch.manual_seed(0)
+def pad_eos_scores(tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An untrained 1-layer Llama RM (initialised from `seed`) with pad == EOS scoring "1+2=3<eos>": batched beside
+    a longer row and padded with EOS, alone, by transformers' own pooling, and by the head on the EOS's hidden state."""
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                       pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, num_labels=1)
@@ -165,10 +169,26 @@ def test_reward_model_with_pad_equal_to_eos_scores_the_eos_by_position(tokenizer
         alone = reward_scores(rm, torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))
         hf_pooled = rm(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, len(short), dtype=torch.long)).logits
         hidden = rm.model(input_ids=torch.tensor([short])).last_hidden_state
+        eos_head = rm.score(hidden[0, -1]).squeeze(-1)
+    return {"batched": batched, "alone": alone, "hf_pooled": hf_pooled, "eos_head": eos_head}
+
+
+def test_reward_model_with_pad_equal_to_eos_scores_the_eos_by_position(tokenizer):
+    """Two rows that differ only in padding get one score; with pad == EOS transformers' own pooling would
+    skip the response's EOS (and a response of EOS tokens entirely).
+
+    The last assertion is a property of the pooling, not a training outcome: transformers' pooling reads the
+    token before the EOS, ours the EOS, and on an untrained model the two scores differ by chance. Measured
+    (docs/bench/outcome-spread.md, "tiny-properties", `pad_eos_pooling_gap`; seeds 0-4 at 1 and 2 threads, 10
+    runs, the same to the bit at both thread counts): |hf_pooled - alone| 0.031-0.325. The bound, 1e-4, sits 300
+    times under the smallest gap seen; a pooling that read the EOS too would give 0.
+    """
+    scores = pad_eos_scores(tokenizer)
+    batched, alone, hf_pooled = scores["batched"], scores["alone"], scores["hf_pooled"]
     # Equal up to fp32 summation order, which differs with the batch's shape and the CPU's kernels; the pooling
-    # that reads the wrong token is off by about 0.17 here, far outside these bounds.
+    # that reads the wrong token is off by 0.031-0.325 (above), far outside these bounds.
     torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(alone[0], rm.score(hidden[0, -1]).squeeze(-1), atol=1e-4, rtol=1e-4)  # the EOS itself
+    torch.testing.assert_close(alone[0], scores["eos_head"], atol=1e-4, rtol=1e-4)  # the EOS itself
     assert abs(hf_pooled.item() - alone.item()) > 1e-4  # transformers' pooling reads another token here
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra._process import free_port
 from infra.images import IMAGE_UID
 from infra.kube import wait_until
 from node_agent import NodeAgent, on_agent, running_agent
-from operator_fixtures import free_port, install_crd, rlprun
+from operator_fixtures import install_crd, rlprun
 from test_operator_image import OPERATOR_DEPS, TRAINING_STACK, operator_packages
 
 # What the operator image adds to its base (python:3.11-slim-bookworm, about 125 MB): the venv with the

@@ -2,8 +2,8 @@
 
 On a file:// store and on S3 (versitygw, credentials only through AWS_* and RLP_S3_ENDPOINT as the
 operator passes them): a phase runs and publishes its manifest, a rerun is a no-op, failures exit
-non-zero with one clear line, /metrics is scraped over HTTP while the phase runs, and an optimize
-SIGKILLed after its first checkpoint resumes from it without touching the earlier phases.
+non-zero with one clear line, and an optimize SIGKILLed after its first checkpoint (held there by its reward
+function, and its /metrics scraped over HTTP) resumes from it without touching the earlier phases.
 Specs are tiny (a few steps) and are written as JSON, like the operator's ConfigMap.
 """
 
@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from infra._process import free_port
+from infra.kube import wait_until
 
 from rlp_jobs.phase import torchrun_argv
 
@@ -68,12 +69,6 @@ def rlp_phase(name: str, spec: Path, round_: int, *args: str, cwd: Path, env: di
               timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
     return subprocess.run(phase_cmd(name, spec, round_, *args), cwd=cwd, env=env or phase_env(), capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float] | None:
@@ -169,37 +164,11 @@ def test_failures_exit_non_zero_with_one_clear_line(tmp_path):
 # file:// store: run, /metrics while running, idempotent rerun
 
 
-def test_phase_on_a_file_store_serves_metrics_while_it_runs_and_reruns_as_a_no_op(tmp_path):
+def test_phase_on_a_file_store_publishes_its_manifest_and_reruns_as_a_no_op(tmp_path):
     store = tmp_path / "store"
     spec = write_spec(tmp_path / "spec.json", tiny_spec(f"file://{store}"))
-    port = free_port()
-    proc = subprocess.Popen(phase_cmd("sft", spec, 0, "--cache-dir", str(tmp_path / "cache")), cwd=tmp_path,
-                            env=phase_env(RLP_METRICS_PORT=str(port)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    labels = {"run": RUN, "round": "0", "phase": "sft"}
-    during = []  # scrapes answered while the process was still running, mid-phase
-    try:
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline:
-            samples = scrape(port)
-            if samples is not None and proc.poll() is None:
-                progress = labelled(samples, "rlp_job_progress", **labels)
-                if progress and 0 < progress[0] < 1:
-                    during.append(samples)
-            time.sleep(0.05)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert during, "no /metrics scrape caught the phase mid-way"
-    mid = during[-1]
-    assert labelled(mid, "rlp_job_steps_total", **labels)[0] >= 1
-    assert labelled(mid, "rlp_job_step_seconds_count", **labels)[0] >= 1
-    assert labelled(mid, "rlp_job_tokens_per_second", **labels)[0] > 0
-    assert labelled(mid, "rlp_job_loss", **labels, loss="sft")[0] > 0
-    assert labelled(mid, "rlp_job_peak_memory_bytes", **labels, memory="rss")[0] > 50 * 2**20  # torch alone is more
-    progress = [labelled(s, "rlp_job_progress", **labels)[0] for s in during]
-    assert progress == sorted(progress)
+    first = rlp_phase("sft", spec, 0, "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
 
     out = store / "team-a" / RUN / "round-0" / "sft"
     manifest = json.loads((out / "_MANIFEST.json").read_text())
@@ -239,9 +208,27 @@ def _s3_manifests(s3, bucket: str) -> dict[str, bytes]:
     return {k.split("/")[-2]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
+# The optimize's reward: the task's gold score, as a user's Python function. Where HOLD_AFTER_CALLS is set it
+# blocks from that call on, so a phase can be caught mid-way on any machine, however fast it trains.
+HOLDING_REWARD = """import os, threading
+from rlp_core.tasks import TASKS
+_calls = 0
+def score(prompts, responses):
+    global _calls
+    _calls += 1
+    if _calls > int(os.environ.get("HOLD_AFTER_CALLS", "1000000000")):
+        threading.Event().wait()
+    return [TASKS["arith"].gold_score(p, r) for p, r in zip(prompts, responses)]
+"""
+
+
 @pytest.mark.slow
 def test_optimize_on_s3_killed_after_its_first_checkpoint_resumes_from_it(tmp_path, s3_server, s3_client, s3_bucket):
-    spec_doc = tiny_spec(f"s3://{s3_bucket}/runs", steps=24, checkpointEvery=3)
+    """The reward function holds step 4's rollout (one call a step), after step 3's checkpoint: the phase is
+    scraped and killed there, whatever the machine's speed."""
+    spec_doc = tiny_spec(f"s3://{s3_bucket}/runs", steps=24, checkpointEvery=3, reward="function",
+                         rewardFunction={"uri": "python://holding_reward:score"})
+    (tmp_path / "holding_reward.py").write_text(HOLDING_REWARD)
     _run_early_phases(spec_doc, s3_bucket, s3_server, tmp_path / "early-cache")
     early = _s3_manifests(s3_client, s3_bucket)
     assert set(early) == set(EARLY)
@@ -249,26 +236,21 @@ def test_optimize_on_s3_killed_after_its_first_checkpoint_resumes_from_it(tmp_pa
     spec = write_spec(tmp_path / "spec.json", spec_doc)  # no endpoint, no keys: the pod's environment gives them
     port = free_port()
     env = phase_env(AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
-                    RLP_S3_ENDPOINT=s3_server.endpoint_url, RLP_METRICS_PORT=str(port))  # fmt: skip
+                    RLP_S3_ENDPOINT=s3_server.endpoint_url, RLP_METRICS_PORT=str(port), PYTHONPATH=str(tmp_path))  # fmt: skip
     args = ("--cache-dir", str(tmp_path / "cache"))
     prefix = f"runs/team-a/{RUN}/round-1/optimize/"
-    proc = subprocess.Popen(phase_cmd("optimize", spec, 1, *args), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(phase_cmd("optimize", spec, 1, *args), cwd=tmp_path, env={**env, "HOLD_AFTER_CALLS": "3"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     labels = {"run": RUN, "round": "1", "phase": "optimize"}
-    scraped = None
     try:
         deadline = time.monotonic() + 300
-        while True:
+        while not s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "_checkpoints/LATEST.json")["KeyCount"]:
             assert proc.poll() is None, f"optimize ended before it checkpointed: {proc.stderr.read()[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            samples = scrape(port)
-            if samples and labelled(samples, "rlp_job_steps_total", **labels):
-                scraped = samples
-            listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "_checkpoints/LATEST.json").get("KeyCount", 0)
-            if listed:
-                break
             time.sleep(0.05)
-        assert proc.poll() is None, "optimize finished before it could be killed: make it longer"
+        wait_until(lambda: labelled(scrape(port) or {}, "rlp_job_steps_total", **labels), timeout=60)
+        scraped = scrape(port)  # held in step 4: the metrics of steps 1-3, served while the phase runs
+        assert proc.poll() is None, "optimize ended while its reward function held it"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -278,10 +260,11 @@ def test_optimize_on_s3_killed_after_its_first_checkpoint_resumes_from_it(tmp_pa
     assert proc.returncode == -signal.SIGKILL
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix).get("Contents", [])]
     assert prefix + "_MANIFEST.json" not in keys  # a killed phase is not complete
-    # the optimize step's metrics were served while it ran
-    assert scraped is not None, "no /metrics scrape during optimize"
-    assert labelled(scraped, "rlp_job_steps_total", **labels)[0] >= 1
-    for name in ("rlp_job_reward_mean", "rlp_job_kl", "rlp_job_tokens_per_second", "rlp_job_progress"):
+    assert labelled(scraped, "rlp_job_steps_total", **labels)[0] == 3
+    assert labelled(scraped, "rlp_job_progress", **labels)[0] == pytest.approx(3 / 24)
+    assert labelled(scraped, "rlp_job_step_seconds_count", **labels)[0] == 3
+    assert labelled(scraped, "rlp_job_peak_memory_bytes", **labels, memory="rss")[0] > 50 * 2**20  # torch alone is more
+    for name in ("rlp_job_reward_mean", "rlp_job_kl", "rlp_job_tokens_per_second"):
         assert labelled(scraped, name, **labels), name
     assert labelled(scraped, "rlp_job_loss", **labels), "no loss terms"
 

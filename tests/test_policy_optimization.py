@@ -5,6 +5,8 @@ each algorithm must raise the tiny SFT policy's mean reward above its start whil
 stays bounded.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -117,6 +119,7 @@ def test_deepspeed_zero2_trains_and_checkpoints_on_cpu(sft_dir):
 
     trainer = make()
     assert trainer.engine is not None
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & os.environ.keys()  # no leak to subprocesses
     before = next(trainer.policy.parameters()).detach().clone()
     history = trainer.train()
     assert len(history) == 2 and ckpt.state["step"] == 1

@@ -12,8 +12,8 @@ from rlp_core import gym_tasks
 from rlp_core.data import Prompt, load_records
 from rlp_core.judges import programmatic_judge
 from rlp_core.models import (
-    encode_pairs, freeze_backbone, load_policy, load_reward_model, load_tokenizer, load_value_model, position_ids,
-    render_prompt, reward_scores, save_model, stop_token_ids, token_logprobs, with_lora,
+    encode_pairs, freeze_backbone, load_policy, load_reward_model, load_tokenizer, load_value_model, render_prompt,
+    reward_scores, save_model, stop_token_ids, with_lora,
 )
 from rlp_core.ppo import PPOTrainer
 from rlp_core.pretrained import fetch_model
@@ -50,16 +50,38 @@ def test_system_prompt_of_smollm2(smollm2):
     assert [a - b for a, b in zip(n_default, n_empty)] == [21] * 5 and [a - b for a, b in zip(n_own, n_empty)] == [10] * 5
 
 
+CAPITAL_QUESTION = "What is the capital of France? Answer with just the name."
+
+
+def greedy_capital_answer(model, smollm2, question: str = CAPITAL_QUESTION):
+    """The model's greedy answer (8 new tokens, chat template applied) to `question`: (rollout, text). Greedy
+    decoding draws no random number, so no seed enters it."""
+    rollout = sample_responses(model, load_tokenizer(smollm2), [question], max_new_tokens=8, do_sample=False)
+    return rollout, decode_responses(load_tokenizer(smollm2), rollout)[0]
+
+
 def test_converted_model_loads_with_plain_transformers(smollm2):
+    """The converted model loads with plain transformers, has SmolLM2-135M's size and pad == EOS, and answers a
+    question as a working chat model would.
+
+    The answer is greedy, so the seed does not enter it; only the arithmetic (thread count, CPU) could change it,
+    by flipping a token whose lead over the runner-up is within a rounding difference. Measured
+    (docs/bench/outcome-spread.md, "smollm2-greedy"; seeds 0-4 at 1 and 2 threads, 10 runs): "The capital of
+    France is Paris." in every run, and at each of its tokens up to "Paris" the greedy token led the runner-up by
+    at least 1.568 logits (`greedy_min_logit_gap`, the same to the bit in every run). The question this test
+    asked before, "What is the capital of France?", got the same answer, but its first token led by only 0.082
+    ("The" against "L"; greedy after "L" answers "L'Étoile, la Mar", without Paris), so the question now asks
+    for just the name. A model converted wrongly (weights transposed or misnamed, template not applied)
+    answers something else.
+    """
     tok, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2)
     assert model.config.model_type == "llama"
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert tok.pad_token_id == tok.eos_token_id == model.generation_config.eos_token_id  # pad == EOS
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>" and tok.chat_template
     assert stop_token_ids(model, load_tokenizer(smollm2)) == [tok.eos_token_id]
-    rollout = sample_responses(model, load_tokenizer(smollm2), ["What is the capital of France?"], max_new_tokens=8,
-                               do_sample=False)
-    assert "Paris" in decode_responses(load_tokenizer(smollm2), rollout)[0]  # a working chat model, template applied
+    _, answer = greedy_capital_answer(model, smollm2)
+    assert "Paris" in answer  # a working chat model, template applied
 
 
 def test_reward_model_from_the_backbone_scores_the_last_real_token(smollm2):
@@ -78,56 +100,59 @@ def test_reward_model_from_the_backbone_scores_the_last_real_token(smollm2):
                                        atol=1e-3, rtol=1e-4)
 
 
-def _gold_answer_logprob(policy, tok, prompts, answers) -> float:
-    """Mean log π(answer + EOS | rendered prompt): how much the policy prefers the bare correct answer."""
-    enc = encode_pairs(tok, prompts, answers, 256)
-    with torch.no_grad():
-        logits = policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                        position_ids=position_ids(enc["attention_mask"])).logits
-    lp = token_logprobs(logits[:, :-1], enc["input_ids"][:, 1:])
-    return float((lp * enc["response_mask"][:, 1:]).sum() / len(prompts))
+def gold_accuracy(policy, tok, prompts, judge, *, samples: int = 24, max_new_tokens: int = 16) -> float:
+    """The policy's mean gold score over `samples` answers to each prompt at PPO's temperature, drawn from one fixed
+    seed, so two policies are compared on the same random stream."""
+    asked = [p for p in prompts for _ in range(samples)]
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        rollout = sample_responses(policy, tok, asked, max_new_tokens=max_new_tokens, temperature=0.7, logprobs=False)
+    return sum(judge(p, r) for p, r in zip(asked, decode_responses(tok, rollout))) / len(asked)
 
 
 def lora_ppo(smollm2, seed=0):
-    """5 LoRA PPO steps of SmolLM2 on 4 reasoning-gym questions with their gold reward:
-    (policy, tokenizer, probe batch, reference logits before, log p(answer) before, after, history)."""
+    """8 LoRA PPO steps of SmolLM2 (16 rollouts each) on 4 reasoning-gym questions, rewarded by the judge's
+    last-number reading: (policy, tokenizer, probe batch, reference logits before, gold accuracy before, after,
+    history)."""
     uri = f"reasoning-gym://{TASK.replace('?', '/prompts?n=4&seed=5&', 1)}"
     prompts = [p.prompt for p in load_records(uri, Prompt)]
-    judge = programmatic_judge(f"reasoning-gym://{TASK}")
+    judge = programmatic_judge(f"reasoning-gym://{TASK}&answer=last-number")
     answers = [gym_tasks._ENTRIES[p][1]["answer"] for p in prompts]
     tok = load_tokenizer(smollm2)
     torch.manual_seed(seed)
-    opt = Optimization(steps=5, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, learning_rate=2e-3,
-                       warmup_steps=0, kl_coef=0.01, max_new_tokens=8, temperature=0.7, reward="judge",
+    opt = Optimization(steps=8, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=5e-4,
+                       warmup_steps=0, kl_coef=0.05, max_new_tokens=16, temperature=0.7, reward="judge",
                        lora=LoRA(rank=8, alpha=16), critic_training="head", value_init="policy")
     policy = with_lora(load_policy(smollm2), opt.lora, "CAUSAL_LM")
     value = freeze_backbone(load_value_model(smollm2))
     probe = encode_pairs(tok, prompts, answers, 256)
     with torch.no_grad(), policy.disable_adapter():
         ref_before = policy(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    before = _gold_answer_logprob(policy, tok, prompts, answers)
+    before = gold_accuracy(policy, tok, prompts, judge)
     trainer = PPOTrainer(config=opt, policy=policy, reference=None, value_model=value, tokenizer=tok,
                          score_fn=lambda ps, rs, _: torch.tensor([judge(p, r) for p, r in zip(ps, rs)]),
                          prompts=prompts, seed=seed, gold_fn=lambda ps, rs: [judge(p, r) for p, r in zip(ps, rs)])
     history = trainer.train()
-    return policy, tok, probe, ref_before, before, _gold_answer_logprob(policy, tok, prompts, answers), history
+    return policy, tok, probe, ref_before, before, gold_accuracy(policy, tok, prompts, judge), history
 
 
 def test_lora_ppo_raises_the_gold_reward_keeps_the_reference_and_saves_a_merged_model(smollm2, tmp_path):
-    """LoRA PPO on the real SmolLM2: the bare correct answer becomes likelier, the reference stays the pretrained
-    weights, and the merged model loads with plain transformers.
+    """LoRA PPO on the real SmolLM2 raises its gold accuracy on the questions it trained on, the reference stays
+    the pretrained weights, and the merged model loads with plain transformers.
 
-    Its two outcome bounds sit inside the measured spread (docs/bench/outcome-spread.md, "pretrained-ppo"; seeds
-    0-4, 1 thread; seed 0 also at 2 threads, the same to the bit): log p(answer) moved -3.34 to +4.51 (seed 0:
-    +0.89, bound +0.5) and the last step's gold score fell on 2 seeds of 5. Under the `exact` reading SmolLM2's
-    worked answers ("2 + 4 = 6") score nearly 0 (first-step gold 0.007-0.048), so 5 steps of 8 rollouts carry
-    almost no reward signal. The test holds on this CPU for seed 0; making its outcome robust (the last-number
-    reading, more rollouts) is left to do, see the report's notes.
+    The reward is the judge's last-number reading, which scores SmolLM2's worked answers ("2 + 4 = 6"): about
+    half its samples are right at the start, so every rollout carries signal. (Under the `exact` reading they
+    scored 0.007-0.048 and 5 steps of 8 rollouts moved log p(answer) -3.34 to +4.51 over seeds: no bound could
+    hold.) Measured with this recipe (docs/bench/outcome-spread.md, "pretrained-ppo"; seeds 0-4 at 1 thread,
+    seed 0 also at 2 threads, the same to the bit): gold accuracy over 24 samples of each question went from
+    0.510 to 0.708-1.000, a gain of +0.198 to +0.490 (mean +0.375). At lr 1e-3 and β 0.01 it fell on one seed
+    of four (0.510 -> 0.438, after reaching 1.0 in its rollouts), so the recipe is the stabler lr 5e-4, β 0.05.
+    The bound, a gain above 0.1, is half the smallest gain seen; a policy that did not learn scores its
+    questions on the same sampling stream as before (gain exactly 0 when unchanged) and fails it.
     """
     policy, tok, probe, ref_before, before, after, history = lora_ppo(smollm2)
-    print("gold per step", [round(h["gold_mean"], 3) for h in history], "log p(answer)", before, after)
-    assert after > before + 0.5  # the bare correct answer (gold reward 1) became much likelier
-    assert history[-1]["gold_mean"] > history[0]["gold_mean"]
+    print("gold per step", [round(h["gold_mean"], 3) for h in history], "gold accuracy", before, after)
+    assert after > before + 0.1
     with torch.no_grad():
         with policy.disable_adapter():  # the reference: the pretrained weights, untouched by training
             torch.testing.assert_close(policy(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits,

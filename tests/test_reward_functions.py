@@ -25,6 +25,7 @@ class RewardServer:
         self.behaviour: list[str] = []  # consumed one per request; "ok" once empty
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        self.released = threading.Event()  # set at teardown: a "slow" answer outlasts any client timeout
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,7 +38,7 @@ class RewardServer:
                 server.headers.append(dict(self.headers))
                 mode = server.behaviour.pop(0) if server.behaviour else "ok"
                 if mode == "slow":
-                    time.sleep(1.5)
+                    server.released.wait()
                 if mode == "500":
                     return self._send(500, b"overloaded")
                 if mode == "junk":
@@ -63,6 +64,7 @@ class RewardServer:
 def server():
     srv = RewardServer()
     yield srv
+    srv.released.set()
     srv.httpd.shutdown()
 
 
@@ -79,12 +81,17 @@ def test_endpoint_scores_in_batches_with_the_bearer_token(server, monkeypatch):
     assert server.headers[0]["Authorization"] == "Bearer s3cret"
 
 
+# The client's timeout leaves room for a busy machine: the answers that should succeed come from a thread of this
+# process, and one slower than the timeout would be retried and change the request count.
+TIMEOUT = 2.0
+
+
 def test_slow_and_failing_answers_are_retried(server):
     server.behaviour = ["slow", "500", "500"]
-    reward = user_reward(RewardFunction(uri=server.url, timeout_seconds=0.5, retries=3))
+    reward = user_reward(RewardFunction(uri=server.url, timeout_seconds=TIMEOUT, retries=3))
     t0 = time.monotonic()
     assert reward(PROMPTS, RESPONSES) == EXPECTED
-    assert len(server.requests) == 4 and time.monotonic() - t0 >= 0.5 + 0.5 + 1.0  # the timeout, then backoff
+    assert len(server.requests) == 4 and time.monotonic() - t0 >= TIMEOUT + 0.5 + 1.0  # the timeout, then backoff
 
 
 def test_what_still_fails_names_the_field_and_the_fix(server):
@@ -92,7 +99,7 @@ def test_what_still_fails_names_the_field_and_the_fix(server):
              (["junk"], "it must answer JSON"), (["short"], "gave 2 values for 3 responses")]
     for behaviour, message in cases:
         server.behaviour = list(behaviour)
-        reward = user_reward(RewardFunction(uri=server.url, timeout_seconds=0.5, retries=2))
+        reward = user_reward(RewardFunction(uri=server.url, timeout_seconds=TIMEOUT, retries=2))
         with pytest.raises(PhaseError, match=message) as err:
             reward(PROMPTS, RESPONSES)
         assert "spec.optimization.rewardFunction.uri" in str(err.value)

@@ -12,6 +12,7 @@ import atexit
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -80,7 +81,20 @@ def ensure_test_binaries() -> Path:
 
 
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (callers retry the start if it is taken meanwhile)."""
+    """A TCP port on 127.0.0.1 that is free now and stays free until the caller (often a subprocess, seconds
+    later) binds it: drawn below the kernel's ephemeral range, from which every `bind(0)` and outgoing connection
+    of the machine takes its port, so only a listener on a fixed port could take it meanwhile. Callers still
+    retry a start that finds it taken. Where the ephemeral range leaves too little room below it, bind(0)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    draw = random.Random()  # seeded from the OS: two test sessions on one machine draw differently
+    for _ in range(100) if low - 1024 >= 2000 else ():
+        port = draw.randrange(max(1025, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
