@@ -24,6 +24,11 @@ import pytest
 # differently), and the tests' bounds were measured at 1 and 2 threads (docs/bench/outcome-spread.md).
 os.environ["OMP_NUM_THREADS"] = "2"
 
+# Every Python a test starts (rlp, phases, the operator) reads and writes text as UTF-8 whatever the machine's
+# locale: under e.g. LANG=en_US.ISO-8859-1 a "—" in a message would fail to encode or turn to mojibake. (This
+# process's own mode is fixed at its start: on such a locale run pytest itself with `python -X utf8`.)
+os.environ["PYTHONUTF8"] = "1"
+
 # A distributed launcher's variables make `rlp phase` and DeepSpeed act as one rank of a bigger job (a CI runner
 # inside a torchrun or Indexed Job pod sets them): no test may inherit them from the machine or from a test that ran
 # before it.

@@ -191,7 +191,7 @@ class NodeAgent:
         self.labels = {NODE_LABEL: "true", **(labels or {})}
         self.taints = list(taints or [])
         self.capacity = capacity or {"cpu": "16", "memory": "64Gi", "pods": "32", "ephemeral-storage": "100Gi"}
-        self.extra_env = dict(extra_env or {})
+        self.extra_env = dict(extra_env or {})  # set in every pod, over what the pod itself says
         self.podman = podman
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
@@ -409,7 +409,7 @@ class NodeAgent:
         if not argv:
             raise _Unsupported("the container has no command: the agent does not know the image's entrypoint")
         base_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        full_env = {"PATH": base_path, "HOSTNAME": meta["name"], "HOME": str(pod_dir / "home"), **self.extra_env, **env}
+        full_env = {"PATH": base_path, "HOSTNAME": meta["name"], "HOME": str(pod_dir / "home"), **env, **self.extra_env}
         exe = shutil.which(argv[0], path=full_env["PATH"])
         if exe is None:
             raise _Unsupported(f"executable {argv[0]!r} not found on PATH {full_env['PATH']}")
@@ -441,7 +441,7 @@ class NodeAgent:
         for mount_path, local in mounts.items():
             args += ["--volume", f"{local}:{mount_path}" + (":ro" if mount_path in read_only else "")]
         shown = list(args)
-        for name, value in sorted({**self.extra_env, **env}.items()):
+        for name, value in sorted({**env, **self.extra_env}.items()):
             args += ["--env", f"{name}={value}"]
             shown += ["--env", name]  # values stay out of the log: some are Secrets'
         rest = []
@@ -474,7 +474,7 @@ class NodeAgent:
         log.info("started %s/%s (pid %d): %s", run.namespace, run.name, run.popen.pid, shown)
         try:
             self._patch_status(run, self._running_status(pod, run))
-        except ApiError as err:
+        except (ApiError, OSError) as err:  # the pod is in self.runs now: whatever happens, start its _wait
             log.warning("could not report %s/%s Running: %s", run.namespace, run.name, err)
         threading.Thread(target=self._wait, args=(run,), name=f"pod-{run.name}", daemon=True).start()
 
@@ -647,6 +647,22 @@ class NodeAgent:
                       "containerID": f"rlp-node-agent://{run.popen.pid}"}  # fmt: skip
         if run.exit_code != 0 and run.fallback_to_logs:
             terminated["message"] = _log_tail(run.log_path)
+        try:
+            # Nothing reports this pod's end but this thread: an apiserver hiccup (a 5xx, a reset or timed-out
+            # connection on a loaded machine) is retried, or the pod would stay Running forever.
+            for attempt in range(5):
+                try:
+                    self._report_finished(run, terminated)
+                    break
+                except (ApiError, OSError) as err:
+                    log.warning("could not report %s/%s finished (try %d): %s", run.namespace, run.name, attempt + 1,
+                                err)
+                    if self._stop.wait(0.5 * 2**attempt):
+                        break
+        finally:
+            run.finished.set()
+
+    def _report_finished(self, run: _PodRun, terminated: dict[str, Any]) -> None:
         pod = self.api.get(run.path) if not self._stop.is_set() else None
         if pod is not None and pod["metadata"]["uid"] == run.uid:
             status = {
@@ -654,13 +670,9 @@ class NodeAgent:
                 "conditions": self._conditions_for(pod, False, "PodCompleted" if run.exit_code == 0 else "PodFailed"),
                 "containerStatuses": [self._container_status(run, {"terminated": terminated}, False)],
             }
-            try:
-                self._patch_status(run, status)
-            except ApiError as err:
-                log.warning("could not report %s/%s finished: %s", run.namespace, run.name, err)
+            self._patch_status(run, status)
             if run.terminating or pod["metadata"].get("deletionTimestamp"):
                 self._force_delete(run.namespace, run.name, run.uid)
-        run.finished.set()
 
     def _terminate(self, run: _PodRun, grace: float) -> None:
         self._signal(run, signal.SIGTERM)
@@ -716,8 +728,10 @@ def running_agent(control_plane, *, podman: Podman | None = None) -> Iterator[No
     """A started agent on a fresh node, tainted so that only pods placed with ``on_agent`` land there;
     stopped after, and its loops must have run without unexpected errors."""
     name = f"rlp-agent-{uuid.uuid4().hex[:6]}"
+    # Phase pods get the suite's thread pin (tests/conftest.py; the agent builds their env from scratch) and no
+    # /metrics: the operator's RLP_METRICS_PORT=9090 would be a fixed port on this host, and no test scrapes it.
     agent = NodeAgent(control_plane.api_client(), name, labels={AGENT_NODE_LABEL: name}, taints=[AGENT_TAINT],
-                      podman=podman).start()  # fmt: skip
+                      extra_env={"OMP_NUM_THREADS": "2", "RLP_METRICS_PORT": "0"}, podman=podman).start()  # fmt: skip
     try:
         yield agent
     finally:

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,14 @@ from rlp_operator.kube import KubeError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class FakeKube:
-    """Objects by (collection template, namespace, name); collections are the kube.py path templates."""
+    """Objects by (collection template, namespace, name); collections are the kube.py path templates.
 
-    def __init__(self) -> None:
+    Timestamps come from ``clock``, the reconciler's own (fake) clock: the ages and durations it computes
+    from them then do not depend on today's date."""
+
+    def __init__(self, clock: Callable[[], dt.datetime]) -> None:
+        self.clock = clock
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._rv = itertools.count(1)
         self.calls: list[tuple[str, str, str]] = []
@@ -49,6 +50,9 @@ class FakeKube:
         exc = self.fail_next.pop((verb, collection), None)
         if exc is not None:
             raise exc
+
+    def _now(self) -> str:
+        return self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def _stamp(self, obj: dict[str, Any]) -> None:
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
@@ -79,7 +83,7 @@ class FakeKube:
             raise KubeError(409, "AlreadyExists", f"{meta['name']} already exists")
         meta.setdefault("namespace", ns)
         meta["uid"] = str(uuid.uuid4())
-        meta["creationTimestamp"] = _now()
+        meta["creationTimestamp"] = self._now()
         meta.setdefault("generation", 1)
         self._stamp(body)
         self.objects[key] = body
@@ -155,7 +159,7 @@ class FakeKube:
         if uid and obj["metadata"]["uid"] != uid:
             raise KubeError(409, "Conflict", "uid precondition failed")
         if obj["metadata"].get("finalizers"):
-            obj["metadata"].setdefault("deletionTimestamp", _now())
+            obj["metadata"].setdefault("deletionTimestamp", self._now())
             self._stamp(obj)
             return True
         del self.objects[(collection, ns, name)]
@@ -356,7 +360,10 @@ def install_crd(api_client, timeout: float = WAIT) -> None:
 
 def raw(api_client, method: str, path: str, body: Any = None, *, query: str = "",
         content_type: str = "application/json", accept: str = "application/json") -> tuple[int, Any]:  # fmt: skip
-    """One raw API call with the test's admin client: (status, parsed JSON body)."""
+    """One raw API call with the test's admin client: (status, parsed JSON body). A 429 or 5xx is raised as the
+    ApiException the typed API calls raise, so that waits poll through it as a transient error."""
+    from kubernetes.client.rest import ApiException
+
     headers = {"Accept": accept}
     if body is not None:
         headers["Content-Type"] = content_type
@@ -367,6 +374,8 @@ def raw(api_client, method: str, path: str, body: Any = None, *, query: str = ""
     resp = api_client.call_api(method, url, header_params=headers, body=body)
     data = resp.read()
     text = data.decode() if isinstance(data, bytes) else data
+    if resp.status == 429 or resp.status >= 500:
+        raise ApiException(http_resp=resp)
     try:
         return resp.status, json.loads(text) if text else None
     except ValueError:
@@ -448,17 +457,19 @@ class ClusterRig:
         return (run or {}).get("status") or {}
 
     def wait_run(self, name: str, check, timeout: float = WAIT, what: str = "run state") -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
+        last: dict[str, Any] = {}
+
+        def reached() -> bool:
+            nonlocal last
             last = self.status(name)
-            if check(last):
-                return last
-            time.sleep(0.05)
-        raise AssertionError(
-            f"{name}: timed out waiting for {what}; status: {json.dumps(last, indent=1)[:3000]}\n"
-            f"operator log:\n{self.operator.tail(40)}"
-        )
+            return bool(check(last))
+
+        try:
+            wait_until(reached, timeout, f"{name}: {what}", interval=0.05)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; status: {json.dumps(last, indent=1)[:3000]}\n"
+                                 f"operator log:\n{self.operator.tail(40)}") from None  # fmt: skip
+        return last
 
     def wait_phase_running(self, name: str, phase: str, round_: int = 1, attempt: int | None = None,
                            timeout: float = WAIT) -> str:  # fmt: skip
@@ -488,13 +499,15 @@ class ClusterRig:
         return obj["items"]
 
     def wait_pod_running(self, job: str, timeout: float = WAIT) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for pod in self.pods_of(job):
-                if (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
-                    return pod["metadata"]["name"]
-            time.sleep(0.05)
-        raise AssertionError(f"no running pod for Job {job} after {timeout}s: {self.pods_of(job)}")
+        def running() -> str | None:
+            return next((pod["metadata"]["name"] for pod in self.pods_of(job)
+                         if (pod.get("status") or {}).get("phase") == "Running"
+                         and not pod["metadata"].get("deletionTimestamp")), None)  # fmt: skip
+
+        try:
+            return wait_until(running, timeout, f"a running pod of Job {job}", interval=0.05)
+        except AssertionError as err:
+            raise AssertionError(f"{err}: {self.pods_of(job)}") from None
 
     def finish_pod(self, pod: str, exit_code: int = 0) -> None:
         self.core.patch_namespaced_pod(

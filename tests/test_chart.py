@@ -7,7 +7,10 @@ The same rendered manifests go to the real apiserver in tests/test_chart_cluster
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "rlp-operator"
 FULL_VALUES = REPO / "tests" / "fixtures" / "values-full.yaml"
 EXAMPLES = REPO / "examples"
+# helm's home and caches: private to this test session (a fixed /tmp path is shared with other users and sessions,
+# whose leftovers can deny us access), kept for the whole session and removed at its end.
+HELM_HOME = Path(tempfile.mkdtemp(prefix="rlp-helm-"))
+atexit.register(shutil.rmtree, HELM_HOME, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -27,8 +34,8 @@ EXAMPLES = REPO / "examples"
 
 def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
     """The cached helm, isolated from the user's helm settings (and cluster, unless kubeconfig is given)."""
-    env = {"HOME": "/tmp", "PATH": "/usr/bin:/bin", "HELM_CACHE_HOME": "/tmp/rlp-helm/cache",
-           "HELM_CONFIG_HOME": "/tmp/rlp-helm/config", "HELM_DATA_HOME": "/tmp/rlp-helm/data",
+    env = {"HOME": str(HELM_HOME), "PATH": "/usr/bin:/bin", "HELM_CACHE_HOME": str(HELM_HOME / "cache"),
+           "HELM_CONFIG_HOME": str(HELM_HOME / "config"), "HELM_DATA_HOME": str(HELM_HOME / "data"),
            "KUBECONFIG": str(kubeconfig) if kubeconfig else "/nonexistent"}  # fmt: skip
     proc = subprocess.run([str(helm_bin()), *args], capture_output=True, text=True, check=False, env=env)
     if check and proc.returncode != 0:

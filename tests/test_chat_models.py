@@ -185,8 +185,10 @@ def test_reward_model_with_pad_equal_to_eos_scores_the_eos_by_position(tokenizer
     """
     scores = pad_eos_scores(tokenizer)
     batched, alone, hf_pooled = scores["batched"], scores["alone"], scores["hf_pooled"]
-    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(alone[0], scores["eos_head"], atol=1e-5, rtol=0)  # the EOS itself
+    # Equal up to fp32 summation order, which differs with the batch's shape and the CPU's kernels; the pooling
+    # that reads the wrong token is off by 0.031-0.325 (above), far outside these bounds.
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone[0], scores["eos_head"], atol=1e-4, rtol=1e-4)  # the EOS itself
     assert abs(hf_pooled.item() - alone.item()) > 1e-4  # transformers' pooling reads another token here
 
 

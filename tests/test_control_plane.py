@@ -94,7 +94,9 @@ def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending(kube_api, name
         what="a FailedScheduling event",
     )[0]
     assert f"Insufficient {GPU}" in event.message
-    time.sleep(2)
+    # The scheduler has placed a pod that came after it (it is at work), and too-big is still not placed.
+    core.create_namespaced_pod(namespace, gpu_pod("fits", 1, kwok_annotations(0)))
+    wait_until(lambda: core.read_namespaced_pod("fits", namespace).spec.node_name, timeout=60, what="fits scheduled")
     pod = core.read_namespaced_pod("too-big", namespace)
     assert pod.status.phase == "Pending"
     assert not pod.spec.node_name
@@ -180,7 +182,9 @@ def test_kwok_contract_held_pod_runs_until_finished(kube_api, namespace):
     core = client.CoreV1Api(kube_api)
     core.create_namespaced_pod(namespace, gpu_pod("held", 1, kwok_annotations(0, hold=True)))
     wait_for_pod_phase(kube_api, namespace, "held", "Running", timeout=60)
-    time.sleep(2)
+    # kwok has since run and ended a pod that differs only in not being held; the held one still runs.
+    core.create_namespaced_pod(namespace, gpu_pod("not-held", 1, kwok_annotations(0)))
+    wait_for_pod_phase(kube_api, namespace, "not-held", ["Succeeded", "Failed"], timeout=60)
     assert core.read_namespaced_pod("held", namespace).status.phase == "Running"
     finish_pod(kube_api, namespace, "held", exit_code=7)
     pod = wait_for_pod_phase(kube_api, namespace, "held", ["Succeeded", "Failed"], timeout=60)

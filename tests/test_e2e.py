@@ -160,6 +160,7 @@ def quickstart_spec(rig, agent: NodeAgent) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the run's own 600 s wait comes after agent, operator (and image) setup: it expires first
 @pytest.mark.parametrize("phase_agent", ["processes", pytest.param("containers", marks=pytest.mark.containers)],
                          indirect=True)  # fmt: skip
 def test_quickstart_rlprun_goes_from_apply_to_succeeded_with_real_checkpoints_in_s3_through_a_kill(

@@ -160,9 +160,12 @@ def test_operator_killed_in_every_phase_neither_duplicates_nor_reruns(rig):
             rig.finish_pod(pod)
             rig.operator.start()
         else:
-            # the operator comes back while the phase still runs, then dies again right as it ends
+            # the operator comes back while the phase still runs (it has picked the run up in that phase), then
+            # dies again right as it ends
             rig.operator.start()
-            time.sleep(0.3)
+            seen = {("run", "crash"), ("current_phase", phase)}
+            wait_until(lambda: any(n == "rlp_run_info" and seen <= set(labels) for n, labels in rig.operator.metrics()),
+                       what=f"the restarted operator to pick up crash in {phase}")  # fmt: skip
             rig.write_manifest("crash", phase)
             rig.finish_pod(pod)
             rig.operator.kill()
@@ -192,7 +195,10 @@ def test_suspend_deletes_workloads_and_resume_continues_from_the_last_complete_p
     while (job in rig.job_names("pause") or rig.pods_of(job)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert job not in rig.job_names("pause") and not rig.pods_of(job)
-    time.sleep(1.0)
+    # A spec change makes the operator reconcile the suspended run once more, now that its Job is gone; once it
+    # has recorded the new generation, whatever that step would start exists (Jobs come before the status).
+    generation = rig.patch_run("pause", {"spec": {"backoffLimit": 4}})["metadata"]["generation"]
+    rig.wait_run("pause", lambda s: s.get("observedGeneration") == generation, what="the new generation observed")
     assert rig.job_names("pause") == ["pause-r1-generate-a1"]  # nothing new while suspended
     refine = _phase_records(rig.status("pause"))[("refine", 1)]
     assert refine["state"] == "Pending" and refine["reason"] == "Suspended" and refine["failures"] == 0

@@ -63,8 +63,8 @@ class Harness:
         for model in ("sft", "rm"):  # what the preflight looks for in base_spec's model directories
             (tmp_path / "models" / model).mkdir(parents=True, exist_ok=True)
             (tmp_path / "models" / model / "config.json").write_text("{}")
-        self.kube = FakeKube()
         self.clock = Clock()
+        self.kube = FakeKube(self.clock)
         self.metrics = OperatorMetrics(process=False)
         self.events = Events()
         self.ns, self.name = ns, name

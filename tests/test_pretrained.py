@@ -93,8 +93,11 @@ def test_reward_model_from_the_backbone_scores_the_last_real_token(smollm2):
         batched = reward_scores(rm, batch["input_ids"], batch["attention_mask"])
         for i in range(2):
             alone = encode_pairs(tok, prompts[i : i + 1], responses[i : i + 1], 128)
+            # Padded and single-row inputs take different GEMM shapes, so the kernels and blocking (chosen by shape
+            # and CPU flags: AVX2, AVX-512, AMX) sum in another order through 30 layers: fp32 error of order 1e-4 on
+            # a score of a few units, growing with its size. Reading a wrong token would be off by far more.
             torch.testing.assert_close(batched[i], reward_scores(rm, alone["input_ids"], alone["attention_mask"])[0],
-                                       atol=1e-4, rtol=0)
+                                       atol=1e-3, rtol=1e-4)
 
 
 def gold_accuracy(policy, tok, prompts, judge, *, samples: int = 24, max_new_tokens: int = 16) -> float:

@@ -296,6 +296,7 @@ def test_a_bad_spec_fails_before_the_training_stack_is_imported(tmp_path):
 
 # 6 -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own waits add up to 600 + 60 + 600 s: they, with their messages, must expire first
 def test_a_60s_s3_outage_mid_optimize_is_ridden_out(tmp_path, s3_server, s3_bucket):
     """versitygw stops for 60 s once optimize has checkpointed; the run waits it out and finishes."""
     doc = tiny_spec(f"s3://{s3_bucket}/runs", steps=40, checkpointEvery=2)

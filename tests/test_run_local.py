@@ -89,6 +89,7 @@ def run_killed_during_optimize(tmp_path: Path, spec: Path) -> tuple[tuple[str, .
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own waits add up to 600 + 600 + 300 s: they, with their messages, must expire first
 def test_quickstart_runs_end_to_end_and_resumes_after_a_kill_during_optimize(tmp_path):
     """The quickstart killed in optimize and resumed (the checkpoint restores the sampling RNG too) improves its
     policy under the gold judge: clearly on the sums PPO trained on, and on held-out sums by a thinner margin.
@@ -140,6 +141,7 @@ def grpo_quickstart_killed_and_resumed(tmp_path: Path, seed: int = 0):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own waits add up to 600 + 600 s: they, with their messages, must expire first
 def test_quickstart_with_grpo_trains_without_a_critic_and_resumes_after_a_kill(tmp_path):
     """The quickstart with only `algorithm: grpo` changed runs critic-free and resumes after a kill.
 

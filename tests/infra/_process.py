@@ -155,6 +155,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None when it is gone.
+    A pid and its start time name one process: a recycled pid has a later start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])  # fields 3.. follow the parenthesised command name
+
+
 def _kill_group(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
@@ -189,32 +199,35 @@ def reap_leftovers(base: Path | None = None) -> None:
         owner = int(state.get("owner_pid", 0))
         if owner and _pid_alive(owner):
             continue
-        for pgid in state.get("pgids", []):
-            _kill_group(int(pgid), signal.SIGKILL)
+        for pgid, started in state.get("groups", []):
+            if _start_time(pgid) == started:  # still the leader we started, not a process that got its pid since
+                _kill_group(pgid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Workdir:
-    """A private temporary directory that records the process groups started in it."""
+    """A private temporary directory that records the process groups started in it (each leader's pid with
+    its start time)."""
 
     def __init__(self, kind: str):
         self.path = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{kind}-{os.getpid()}-"))
-        self._pgids: list[int] = []
+        self._groups: dict[int, int] = {}  # pgid -> start time of its leader
         self._save()
 
     def _save(self) -> None:
         tmp = self.path / (_STATE_FILE + ".tmp")
-        state = {"owner_pid": os.getpid(), "pid_namespace": _pid_namespace(), "pgids": self._pgids}
+        state = {"owner_pid": os.getpid(), "pid_namespace": _pid_namespace(), "groups": list(self._groups.items())}
         tmp.write_text(json.dumps(state))
         tmp.replace(self.path / _STATE_FILE)
 
     def record(self, pgid: int) -> None:
-        self._pgids.append(pgid)
-        self._save()
+        started = _start_time(pgid)
+        if started is not None:  # None: it is gone already, nothing to reap
+            self._groups[pgid] = started
+            self._save()
 
     def forget(self, pgid: int) -> None:
-        if pgid in self._pgids:
-            self._pgids.remove(pgid)
+        if self._groups.pop(pgid, None) is not None:
             self._save()
 
     def remove(self) -> None:
@@ -234,6 +247,13 @@ def _child_setup() -> None:  # runs in the child between fork and exec
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# Servers get this much of the test process's environment, not all of it: etcd exits when an ETCD_* variable
+# shadows one of its flags, versitygw opens extra ports for VGW_* variables, and a proxy variable would catch
+# their calls to each other on 127.0.0.1 (NO_PROXY keeps those direct should a proxy be configured another way).
+_SERVER_ENV = ("PATH", "HOME", "TMPDIR", "LANG")
+_LOOPBACK = "127.0.0.1,localhost"
+
+
 class Process:
     """One server process, in its own process group, logging to a file."""
 
@@ -247,7 +267,8 @@ class Process:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Process":
-        env = dict(os.environ)
+        env = {name: os.environ[name] for name in _SERVER_ENV if name in os.environ}
+        env.update(NO_PROXY=_LOOPBACK, no_proxy=_LOOPBACK)
         if self._env:
             env.update(self._env)
         with open(self.log_path, "ab") as log:

@@ -18,16 +18,35 @@ KWOK_DELAY = "rlp.dev/kwok-delay"
 WAIT = 120.0
 
 
+def transient(exc: BaseException) -> bool:
+    """An error worth asking again after: the apiserver overloaded or timing out under load (429, 5xx such as
+    "etcdserver: request timed out"), or the connection failing."""
+    import urllib3
+    from kubernetes.client.rest import ApiException
+
+    if isinstance(exc, ApiException):
+        return exc.status is not None and (exc.status == 429 or exc.status >= 500)
+    return isinstance(exc, (OSError, urllib3.exceptions.HTTPError))
+
+
 def wait_until(check: Callable[[], T], timeout: float = WAIT, what: str = "condition", interval: float = 0.1) -> T:
-    """Call ``check`` until it returns something truthy and return that; AssertionError on timeout."""
+    """Call ``check`` until it returns something truthy and return that; AssertionError on timeout. A transient
+    error (see ``transient``) is polled through, and named in the timeout's message; any other is raised."""
     deadline = time.monotonic() + timeout
-    last = None
+    last = error = None
     while True:
-        last = check()
-        if last:
-            return last
+        try:
+            last = check()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            error = exc
+        else:
+            if last:
+                return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
+            detail = f", last error: {type(error).__name__}: {error}" if error is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r}{detail})")
         time.sleep(interval)
 
 
