@@ -146,7 +146,6 @@ def measure_tiny_properties(seed: int, work: Path) -> list[dict]:
     up to and including EOS (of 2,048), and the policy's gradient norm in its one-update critic test (under
     value_coef 0.01 and 1.0; the test asserts both above the clipping threshold, 0.05) with the largest difference
     between the two updated policies (the test asserts them equal)."""
-    import torch
     from test_chat_models import pad_eos_scores, sums_tokenizer
     from test_ppo_details import arith_tokenizer, sample_untrained, updates_under_two_value_coefs
 
