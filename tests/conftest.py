@@ -43,11 +43,6 @@ def _drop_launcher_variables() -> None:
 
 _drop_launcher_variables()
 
-# Every server a test talks to is on loopback: a proxy set on the machine must not see those calls (Python's urllib,
-# requests and boto3 follow http_proxy for 127.0.0.1 unless no_proxy names it; children inherit the setting).
-for _name in ("NO_PROXY", "no_proxy"):
-    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name, ""), "127.0.0.1,localhost,::1"]))
-
 # Hugging Face settings of the machine (offline mode, a token, a mirror) would change what test_hub's local stand-in
 # Hub is asked, or stop huggingface_hub asking it at all. Dropped before huggingface_hub reads them at import.
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_ENDPOINT"):
@@ -57,6 +52,13 @@ for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_ENDPOINT
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+# Every server a test talks to is on loopback: a proxy set on the machine must not see those calls (Python's urllib,
+# requests and boto3 follow http_proxy for 127.0.0.1 unless no_proxy names it; children inherit the setting).
+from infra._process import LOOPBACK_NO_PROXY  # noqa: E402
+
+for _name in ("NO_PROXY", "no_proxy"):
+    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name, ""), LOOPBACK_NO_PROXY]))
 
 from infra.fixtures import (  # noqa: E402,F401 - fixtures and hooks are registered by name
     container_images,

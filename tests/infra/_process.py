@@ -251,7 +251,7 @@ def _child_setup() -> None:  # runs in the child between fork and exec
 # shadows one of its flags, versitygw opens extra ports for VGW_* variables, and a proxy variable would catch
 # their calls to each other on 127.0.0.1 (NO_PROXY keeps those direct should a proxy be configured another way).
 _SERVER_ENV = ("PATH", "HOME", "TMPDIR", "LANG")
-_LOOPBACK = "127.0.0.1,localhost"
+LOOPBACK_NO_PROXY = "127.0.0.1,localhost,::1"  # also appended to the test process's own no_proxy (tests/conftest.py)
 
 
 class Process:
@@ -268,7 +268,7 @@ class Process:
 
     def start(self) -> "Process":
         env = {name: os.environ[name] for name in _SERVER_ENV if name in os.environ}
-        env.update(NO_PROXY=_LOOPBACK, no_proxy=_LOOPBACK)
+        env.update(NO_PROXY=LOOPBACK_NO_PROXY, no_proxy=LOOPBACK_NO_PROXY)
         if self._env:
             env.update(self._env)
         with open(self.log_path, "ab") as log:
